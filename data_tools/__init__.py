@@ -1,0 +1,1 @@
+"""Offline data tools of dopsd-scale (importable as `dopsd_data_tools`)."""

@@ -1,0 +1,176 @@
+"""Sharded, resumable checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout of `<run>/checkpoints/`:
+  step_00000100/          DCP shards of student, optimizer and teacher weights
+      .metadata, __*_*.distcp
+      rank_00000.json     this rank's step, LR schedule, data-reader position
+      rank_00000.rng.safetensors   this rank's RNG states (they differ per rank)
+  latest                  name of the newest complete checkpoint (replaced atomically)
+
+A save writes `step_X.tmp/` first and renames it when every rank is done; only then does
+`latest` move. A crash mid-save therefore leaves the previous checkpoint intact and current.
+Non-tensor state lives in JSON and RNG states in safetensors: nothing here needs pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+log = logging.getLogger(__name__)
+LATEST = "latest"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# ---- RNG --------------------------------------------------------------------------------
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    np_state = np.random.get_state()
+    state["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
+    state["numpy_pos"] = torch.tensor([np_state[2]], dtype=torch.int64)
+    py_state = random.getstate()
+    state["python"] = torch.tensor(py_state[1], dtype=torch.int64)
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"][0]), 0, 0.0))
+    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---- weights ------------------------------------------------------------------------------
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, teacher: Optional[nn.Module]) -> dict:
+    """The tensor state DCP shards: student, optimizer and (when it owns weights) teacher."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"student": model_sd, "optimizer": optim_sd}
+    if teacher is not None:
+        state["teacher"] = get_model_state_dict(teacher)
+    return state
+
+
+def apply_training_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+                         teacher: Optional[nn.Module]) -> None:
+    set_state_dict(model, optimizer, model_state_dict=state["student"], optim_state_dict=state["optimizer"])
+    if teacher is not None:
+        set_model_state_dict(teacher, state["teacher"])
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, keep_last: int = 3):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    # ---- locating --------------------------------------------------------------------------
+    def latest(self) -> Optional[Path]:
+        pointer = self.root / LATEST
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        return path if (path / ".metadata").is_file() else None
+
+    def resolve(self, resume: str) -> Optional[Path]:
+        """`auto` -> latest here (or None), `none` -> None, else an explicit directory."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if not (path / ".metadata").is_file():
+            raise FileNotFoundError(f"checkpoint.resume={resume}: not a checkpoint directory (no .metadata)")
+        return path
+
+    # ---- saving ----------------------------------------------------------------------------
+    def save(self, step: int, tensors: dict, extra: dict[str, Any]) -> Path:
+        """Save DCP `tensors` plus this rank's JSON `extra` and RNG state; collective."""
+        final = self.root / step_dir_name(step)
+        tmp = self.root / (step_dir_name(step) + ".tmp")
+        rank = _rank()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        dcp.save(tensors, checkpoint_id=str(tmp))
+        (tmp / f"rank_{rank:05d}.json").write_text(json.dumps(extra, indent=1), encoding="utf-8")
+        save_file(rng_state(), str(tmp / f"rank_{rank:05d}.rng.safetensors"))
+        _barrier()
+        if rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            self._point_latest(final.name)
+            self._prune()
+        _barrier()
+        return final
+
+    def _point_latest(self, name: str) -> None:
+        tmp = self.root / (LATEST + ".tmp")
+        tmp.write_text(name)
+        os.replace(tmp, self.root / LATEST)
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in done[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # ---- loading ---------------------------------------------------------------------------
+    def load(self, path: Path, tensors: dict) -> dict[str, Any]:
+        """Fill `tensors` in place from DCP; return this rank's JSON extra and restore RNG."""
+        dcp.load(tensors, checkpoint_id=str(path))
+        rank = _rank()
+        extra_path = path / f"rank_{rank:05d}.json"
+        if not extra_path.is_file():  # resumed on more ranks than saved: take rank 0's scalars
+            extra_path = path / "rank_00000.json"
+            extra = json.loads(extra_path.read_text(encoding="utf-8"))
+            extra["data"] = None
+            return extra
+        rng_path = path / f"rank_{rank:05d}.rng.safetensors"
+        if rng_path.is_file():
+            set_rng_state(load_file(str(rng_path)))
+        return json.loads(extra_path.read_text(encoding="utf-8"))
+
+
+def load_student_weights(model: nn.Module, checkpoint: str | Path, which: str = "student") -> None:
+    """Load the student (or teacher) weights of a checkpoint into a plain, unsharded model."""
+    path = Path(checkpoint)
+    if (path / LATEST).is_file():  # a checkpoints/ folder: follow its pointer
+        path = path / (path / LATEST).read_text().strip()
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no .metadata)")
+    state = {which: get_model_state_dict(model, options=StateDictOptions())}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state[which])

@@ -1,0 +1,272 @@
+"""The run configuration: one typed tree of dataclasses.
+
+Precedence is defaults < YAML file < dotted CLI overrides (``optim.lr=1e-5``). OmegaConf's
+structured configs do the merge, reject unknown keys and wrong types; :func:`validate` then
+checks the values. Every error is raised as :class:`ConfigError` with one line naming the field.
+Each field is documented by the string literal under it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A wrong configuration; the message is one line naming the field or file."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "zimage"
+    """Model spec in the registry (`zimage`)."""
+    path: Optional[str] = None
+    """Diffusers directory: a whole pipeline (with model_index.json) or a transformer folder."""
+    dtype: str = "float32"
+    """Dtype of the master weights (`float32` or `bfloat16`); compute may still autocast."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in the backward pass (memory for compute)."""
+    attention_backend: str = "native"
+    """diffusers attention backend for the DiT (`native`, `_native_flash`, `_native_math`, ...)."""
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None
+    """Feature shards: a directory holding *.tar and manifest.json."""
+    batch_size: int = 1
+    """Samples per rank and optimizer step. A batch always comes from one aspect bucket."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    shuffle_buffer: int = 64
+    """Samples held in the shuffle buffer (0 turns shuffling off)."""
+    seed: int = 0
+    """Seed of the per-epoch shard order and shuffle buffer."""
+    val_features: Optional[str] = None
+    """Cached validation prompts (safetensors); default `<path>/val_prompts.safetensors` if present."""
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = "dopsd"
+    """`dopsd` (on-policy self-distillation) or `sft` (flow matching on target latents)."""
+    space: str = "x0"
+    """Where the D-OPSD distance is measured: `x0` (reference code) or `velocity` (paper)."""
+    num_steps: int = 4
+    """K, the number of roll-out steps of the student during training."""
+    sigmas: Optional[list[float]] = None
+    """Explicit roll-out schedule sigma_0..sigma_{K-1} (sigma_K = 0 is implied); default from the spec."""
+    steps: str = "all"
+    """Which roll-out steps are trained: `all`, `last` or `random:N`."""
+    per_step_backward: bool = True
+    """Backward after each roll-out step: same gradient, 1/K of the activation memory."""
+    loss_weight: float = 1.0
+    """Multiplier of the distillation loss."""
+
+
+@dataclass
+class TeacherConfig:
+    kind: str = "ema"
+    """`ema` (EMA of the student), `frozen` (initial weights) or `live` (current student weights)."""
+    ema_decay: float = 0.9999
+    """EMA decay per optimizer step, in [0, 1]."""
+    context: str = "vlm"
+    """Teacher context the feature shards hold: `vlm` (Z-Image recipe) or `edit_reference` (FLUX.2)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    """Peak learning rate of AdamW (full fine-tuning wants ~1e-5)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear warm-up steps from 0 to lr."""
+    schedule: str = "constant"
+    """LR after warm-up: `constant` or `cosine` (to min_lr_ratio * lr at run.max_steps)."""
+    min_lr_ratio: float = 0.0
+    """Floor of the cosine schedule as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 turns clipping off)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save every N optimizer steps (0: only at the end)."""
+    keep_last: int = 3
+    """How many checkpoints to keep (older ones are deleted after a successful save)."""
+    resume: str = "auto"
+    """`auto` (latest in the run directory, if any), `none`, or a checkpoint directory."""
+    save_final: bool = True
+    """Save a checkpoint when training ends."""
+    export_final: bool = True
+    """Export a diffusers-format model into `<run>/export` when training ends."""
+
+
+@dataclass
+class MetricsConfig:
+    log_every: int = 10
+    """Write a metrics record every N optimizer steps."""
+    tensorboard: bool = True
+    """Also log to TensorBoard when it is installed."""
+    val_every: int = 0
+    """Draw the validation grid every N steps (0: only at the end; -1: never)."""
+    val_steps: int = 8
+    """Inference steps of the validation sampler (Z-Image-Turbo: 8)."""
+    val_height: int = 0
+    """Validation image height in pixels (0: the spec's default)."""
+    val_width: int = 0
+    """Validation image width in pixels (0: the spec's default)."""
+    val_seed: int = 1234
+    """Seed of the fixed validation noise."""
+    peak_tflops: float = 0.0
+    """Peak dense bf16 TFLOP/s of one device for MFU (0: look the device up; unknown on CPU)."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/debug"
+    """Run directory: config, metrics, checkpoints, validation grids, export."""
+    max_steps: int = 100
+    """Number of optimizer steps."""
+    seed: int = 0
+    """Global seed (noise, initialisation of debug models, data order)."""
+    device: str = "auto"
+    """`auto` (cuda if available), `cpu` or `cuda`."""
+    mixed_precision: str = "auto"
+    """`auto` (bf16 autocast on GPU, none on CPU), `bf16` or `no`."""
+    deterministic: bool = False
+    """Ask torch for deterministic algorithms (bitwise-reproducible CPU runs)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults < YAML at `path` < `key=value` overrides, then :func:`validate`."""
+    schema = OmegaConf.structured(Config)
+    layers = [schema]
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as err:  # YAML syntax errors come in several types
+            raise ConfigError(f"{path}: not valid YAML: {_one_line(err)}") from None
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        msg = getattr(err, "msg", None) or str(err).splitlines()[0]
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}config field '{key}': {_one_line(Exception(msg))}") from None
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """The typed tree from a plain dict (e.g. what a Ray worker receives)."""
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config field '{getattr(err, 'full_key', None)}': {_one_line(err)}") from None
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(cfg), str(path))
+
+
+def _require(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config field '{field_name}': {message}")
+
+
+def _one_of(value: Any, allowed: tuple, field_name: str) -> None:
+    _require(value in allowed, field_name, f"{value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+STEPS_PATTERN = re.compile(r"^(all|last|random:([1-9][0-9]*))$")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks the type system cannot express; raises :class:`ConfigError`."""
+    from .models import spec_names  # local import: models import heavy libraries
+
+    m, o, t, opt = cfg.model, cfg.objective, cfg.teacher, cfg.optim
+    _one_of(m.name, tuple(spec_names()), "model.name")
+    _require(bool(m.path), "model.path", "missing: set it to a diffusers model directory")
+    _require(os.path.isdir(m.path), "model.path", f"directory not found: {m.path}")
+    _one_of(m.dtype, ("float32", "bfloat16"), "model.dtype")
+    _require(cfg.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {cfg.data.batch_size}")
+    _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+    _one_of(o.kind, ("dopsd", "sft"), "objective.kind")
+    _one_of(o.space, ("x0", "velocity"), "objective.space")
+    _require(o.num_steps >= 1, "objective.num_steps", f"K must be >= 1, got {o.num_steps}")
+    match = STEPS_PATTERN.match(o.steps)
+    _require(match is not None, "objective.steps", f"{o.steps!r} is not all, last or random:N")
+    if match and match.group(2):
+        _require(int(match.group(2)) <= o.num_steps, "objective.steps", "random:N needs N <= num_steps")
+    if o.sigmas is not None:
+        s = list(o.sigmas)
+        _require(len(s) == o.num_steps, "objective.sigmas", f"has {len(s)} values, num_steps is {o.num_steps}")
+        _require(all(0 < v <= 1 for v in s), "objective.sigmas", "values must lie in (0, 1]")
+        _require(all(a > b for a, b in zip(s, s[1:])), "objective.sigmas", "must be strictly decreasing")
+    _one_of(t.kind, ("ema", "frozen", "live"), "teacher.kind")
+    _require(0.0 <= t.ema_decay <= 1.0, "teacher.ema_decay", f"must lie in [0, 1], got {t.ema_decay}")
+    _one_of(t.context, ("vlm", "edit_reference"), "teacher.context")
+    _require(opt.lr > 0, "optim.lr", f"must be > 0, got {opt.lr}")
+    _require(len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas), "optim.betas", "two values in [0, 1)")
+    _require(opt.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _one_of(opt.schedule, ("constant", "cosine"), "optim.schedule")
+    _require(0 <= opt.min_lr_ratio <= 1, "optim.min_lr_ratio", "must lie in [0, 1]")
+    _require(opt.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+    _require(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+    _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    _require(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
+    _require(cfg.metrics.val_steps >= 1, "metrics.val_steps", "must be >= 1")
+    _require(cfg.run.max_steps >= 0, "run.max_steps", "must be >= 0")
+    _one_of(cfg.run.device, ("auto", "cpu", "cuda"), "run.device")
+    _one_of(cfg.run.mixed_precision, ("auto", "bf16", "no"), "run.mixed_precision")
+    if cfg.data.path is not None:
+        _require(os.path.isdir(cfg.data.path), "data.path", f"directory not found: {cfg.data.path}")
+    else:
+        _require(False, "data.path", "missing: set it to a directory of feature shards")

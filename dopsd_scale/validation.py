@@ -1,0 +1,74 @@
+"""Validation grids: fixed prompts sampled few-step by the student from fixed noise.
+
+The prompts' features come cached (val_prompts.safetensors), so no encoder is loaded; the VAE
+decodes the latents when the model directory has one, else the first latent channels are shown.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .flow import euler_rollout, schedule
+from .models.spec import Condition, ModelSpec
+
+
+def images_to_grid(images: torch.Tensor, columns: Optional[int] = None) -> Image.Image:
+    """[B, 3, H, W] in [0, 1] -> one PIL image, row-major."""
+    b, _, h, w = images.shape
+    cols = columns or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / cols)
+    grid = Image.new("RGB", (cols * w, rows * h))
+    arrays = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    for i, arr in enumerate(arrays):
+        grid.paste(Image.fromarray(arr), ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def latents_preview(latents: torch.Tensor) -> torch.Tensor:
+    """Without a VAE: the first three latent channels, min-max scaled, as an image."""
+    x = latents[:, :3].float()
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    hi = x.amax(dim=(1, 2, 3), keepdim=True)
+    return (x - lo) / (hi - lo + 1e-8)
+
+
+@torch.no_grad()
+def sample_latents(spec: ModelSpec, model: nn.Module, feats: list[torch.Tensor], height: int, width: int,
+                   num_steps: int, seed: int, device: torch.device) -> torch.Tensor:
+    """Few-step Euler roll-out of the student, one prompt per sample, fixed noise."""
+    shape = spec.latent_shape(height, width)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(feats), *shape), generator=gen).to(device)
+    longest = max(f.shape[0] for f in feats)
+    padded = torch.zeros(len(feats), longest, feats[0].shape[1])
+    mask = torch.zeros(len(feats), longest, dtype=torch.bool)
+    for i, f in enumerate(feats):
+        padded[i, : f.shape[0]], mask[i, : f.shape[0]] = f, True
+    cond = Condition(padded, mask).to(device)
+    sigmas = schedule(spec.inference_sigmas(num_steps, shape))
+    return euler_rollout(lambda x, s: spec.velocity(model, x, s, cond), noise, sigmas)
+
+
+@torch.no_grad()
+def validation_grid(spec: ModelSpec, model: nn.Module, vae: Optional[nn.Module], feats: list[torch.Tensor],
+                    height: int, width: int, num_steps: int, seed: int, device: torch.device) -> Image.Image:
+    was_training = model.training
+    model.eval()
+    latents = sample_latents(spec, model, feats, height, width, num_steps, seed, device)
+    model.train(was_training)
+    images = spec.decode(vae, latents) if vae is not None else latents_preview(latents)
+    return images_to_grid(images)
+
+
+def save_grid(grid: Image.Image, run_dir: str | Path, step: int) -> Path:
+    path = Path(run_dir) / "validation" / f"step_{step:08d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The main job on the built-in tiny default, end to end on CPU:
+# tiny models -> synthetic pairs -> feature shards -> D-OPSD training -> sample grid -> export.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+OUT=runs
+dopsd make-debug-models "$OUT/assets"
+dopsd make-synthetic-pairs "$OUT/pairs" --count 48
+dopsd cache-features --input "$OUT/pairs" --output "$OUT/features" \
+  --pipeline "$OUT/assets/zimage" --teacher-vlm "$OUT/assets/teacher_vlm" \
+  --buckets 32x32,32x48,48x32 --shard-size 16 --latents --vlm-min-pixels 1024 --vlm-max-pixels 4096
+dopsd train --config launch/configs/debug_zimage.yaml "$@"
+dopsd sample --model "$OUT/debug/export" --out "$OUT/debug/samples" --height 32 --width 32 \
+  --prompt "a red circle on a blue background" --prompt "a yellow triangle on a black background"
+dopsd export --model "$OUT/assets/zimage" --checkpoint "$OUT/debug/checkpoints" --out "$OUT/debug/export_from_checkpoint"
+echo "done: run directory $OUT/debug (config.yaml, metrics.jsonl, checkpoints/, validation/, export/, samples/)"
