@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,6 +39,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
+# Single-process runs use DCP without a process group on purpose.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def _rank() -> int:

@@ -171,6 +171,9 @@ class FeatureStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        # The DataLoader asks its workers round-robin starting at worker 0, so after `skip`
+        # batches the stream's worker (skip % W) must sit in loader slot 0: rotate the roles.
+        worker = (worker + self.skip_batches) % num_workers
         to_skip = _worker_share(self.skip_batches, worker, num_workers)
         for i, (_, samples) in enumerate(self.stream(worker, num_workers)):
             if i >= to_skip:

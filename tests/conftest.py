@@ -1,0 +1,66 @@
+"""Shared fixtures: the tiny models and feature shards are built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dopsd_data_tools.cache_features import CacheOptions, cache_features
+from dopsd_data_tools.synthetic import make_synthetic_pairs
+from dopsd_scale.config import load_config
+from dopsd_scale.models.debug_assets import make_debug_models
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG_CONFIG = REPO / "launch" / "configs" / "debug_zimage.yaml"
+DEBUG_BUCKETS = [(32, 32), (32, 48), (48, 32)]
+
+
+@pytest.fixture(scope="session")
+def debug_models(tmp_path_factory) -> dict[str, Path]:
+    return make_debug_models(tmp_path_factory.mktemp("assets"))
+
+
+def debug_cache_options(pairs: Path, out: Path, models: dict[str, Path], **kw) -> CacheOptions:
+    return CacheOptions(
+        input_dir=str(pairs), output_dir=str(out), pipeline=str(models["pipeline"]),
+        teacher_vlm=str(models["teacher_vlm"]), buckets=list(DEBUG_BUCKETS), shard_size=4,
+        latents=True, vlm_min_pixels=32 * 32, vlm_max_pixels=64 * 64, **kw,
+    )
+
+
+@pytest.fixture(scope="session")
+def features(tmp_path_factory, debug_models) -> Path:
+    """16 synthetic pairs cached into 4 feature shards (with latents and validation prompts)."""
+    root = tmp_path_factory.mktemp("data")
+    pairs = make_synthetic_pairs(root / "pairs", count=16, seed=0)
+    out = root / "features"
+    cache_features(debug_cache_options(pairs, out, debug_models))
+    return out
+
+
+@pytest.fixture
+def make_config(tmp_path, debug_models, features):
+    """The debug config pointed at the session's models and shards, plus overrides."""
+
+    def make(*overrides: str):
+        base = [
+            f"model.path={debug_models['pipeline']}",
+            f"data.path={features}",
+            f"run.output_dir={tmp_path / 'run'}",
+            "metrics.tensorboard=false",
+        ]
+        return load_config(str(DEBUG_CONFIG), base + list(overrides))
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
