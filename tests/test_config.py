@@ -72,3 +72,9 @@ def test_resolved_config_is_written_and_reloads(make_config, tmp_path):
     assert data["optim"]["lr"] == 7e-6
     again = load_config(str(tmp_path / "config.yaml"))
     assert again == cfg
+
+
+def test_shipped_configs_are_valid(debug_models, features):
+    for path in sorted((REPO / "launch" / "configs").glob("*.yaml")):
+        cfg = load_config(str(path), [f"model.path={debug_models['pipeline']}", f"data.path={features}"])
+        assert cfg.run.max_steps > 0, path.name
