@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from dopsd_scale.checkpoint import load_student_weights
 from dopsd_scale.config import load_config
 from dopsd_scale.metrics import read_metrics
-from dopsd_scale.models import Condition, get_spec
+from dopsd_scale.models import Condition
 from dopsd_scale.trainer import Trainer
 
 from .conftest import DEBUG_CONFIG, REPO
