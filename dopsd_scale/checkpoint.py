@@ -94,6 +94,15 @@ def apply_training_state(state: dict, model: nn.Module, optimizer: torch.optim.O
         set_model_state_dict(teacher, state["teacher"])
 
 
+def dcp_save(state: dict, directory: Path) -> None:
+    dcp.save(state, checkpoint_id=str(directory))
+
+
+def dcp_load(state: dict, directory: Path) -> None:
+    """Fill `state` in place; DCP reshards when the world size changed since the save."""
+    dcp.load(state, checkpoint_id=str(directory))
+
+
 class Checkpointer:
     def __init__(self, run_dir: str | Path, keep_last: int = 3):
         self.root = Path(run_dir) / "checkpoints"
@@ -105,7 +114,7 @@ class Checkpointer:
         if not pointer.is_file():
             return None
         path = self.root / pointer.read_text().strip()
-        return path if (path / ".metadata").is_file() else None
+        return path if is_checkpoint(path) else None
 
     def resolve(self, resume: str) -> Optional[Path]:
         """`auto` -> latest here (or None), `none` -> None, else an explicit directory."""
@@ -114,13 +123,13 @@ class Checkpointer:
         if resume == "auto":
             return self.latest()
         path = Path(resume)
-        if not (path / ".metadata").is_file():
-            raise FileNotFoundError(f"checkpoint.resume={resume}: not a checkpoint directory (no .metadata)")
+        if not is_checkpoint(path):
+            raise FileNotFoundError(f"checkpoint.resume={resume}: not a complete checkpoint directory")
         return path
 
     # ---- saving ----------------------------------------------------------------------------
-    def save(self, step: int, tensors: dict, extra: dict[str, Any]) -> Path:
-        """Save DCP `tensors` plus this rank's JSON `extra` and RNG state; collective."""
+    def save(self, step: int, strategy, extra: dict[str, Any]) -> Path:
+        """Save the strategy's state plus this rank's JSON `extra` and RNG state; collective."""
         final = self.root / step_dir_name(step)
         tmp = self.root / (step_dir_name(step) + ".tmp")
         rank = _rank()
@@ -128,7 +137,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        dcp.save(tensors, checkpoint_id=str(tmp))
+        strategy.save(tmp)
         (tmp / f"rank_{rank:05d}.json").write_text(json.dumps(extra, indent=1), encoding="utf-8")
         save_file(rng_state(), str(tmp / f"rank_{rank:05d}.rng.safetensors"))
         _barrier()
@@ -151,14 +160,13 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     # ---- loading ---------------------------------------------------------------------------
-    def load(self, path: Path, tensors: dict) -> dict[str, Any]:
-        """Fill `tensors` in place from DCP; return this rank's JSON extra and restore RNG."""
-        dcp.load(tensors, checkpoint_id=str(path))
+    def load(self, path: Path, strategy) -> dict[str, Any]:
+        """Restore the strategy's state; return this rank's JSON extra and restore its RNG."""
+        strategy.load(path)
         rank = _rank()
         extra_path = path / f"rank_{rank:05d}.json"
         if not extra_path.is_file():  # resumed on more ranks than saved: take rank 0's scalars
-            extra_path = path / "rank_00000.json"
-            extra = json.loads(extra_path.read_text(encoding="utf-8"))
+            extra = json.loads((path / "rank_00000.json").read_text(encoding="utf-8"))
             extra["data"] = None
             return extra
         rng_path = path / f"rank_{rank:05d}.rng.safetensors"
@@ -167,13 +175,33 @@ class Checkpointer:
         return json.loads(extra_path.read_text(encoding="utf-8"))
 
 
-def load_student_weights(model: nn.Module, checkpoint: str | Path, which: str = "student") -> None:
-    """Load the student (or teacher) weights of a checkpoint into a plain, unsharded model."""
+def is_checkpoint(path: Path) -> bool:
+    """Complete checkpoints have rank 0's JSON, written after all state (FSDP2 or DeepSpeed)."""
+    return (Path(path) / "rank_00000.json").is_file()
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """A checkpoint directory, or a run's `checkpoints/` folder (follow its `latest` pointer)."""
     path = Path(checkpoint)
-    if (path / LATEST).is_file():  # a checkpoints/ folder: follow its pointer
+    if (path / LATEST).is_file():
         path = path / (path / LATEST).read_text().strip()
-    if not (path / ".metadata").is_file():
-        raise FileNotFoundError(f"{path}: not a checkpoint directory (no .metadata)")
+    if not is_checkpoint(path):
+        raise FileNotFoundError(f"{path}: not a complete checkpoint directory")
+    return path
+
+
+def load_student_weights(model: nn.Module, checkpoint: str | Path, which: str = "student") -> None:
+    """Load a checkpoint's student (or teacher) weights into a plain, unsharded model on CPU.
+
+    Works for any world size and both back-ends: DCP reshards FSDP2 / single-process checkpoints,
+    DeepSpeed's own zero-to-fp32 consolidation reads ZeRO-2/3 ones.
+    """
+    path = resolve_checkpoint(checkpoint)
+    if (path / "deepspeed").is_dir():
+        from .parallel.deepspeed import load_consolidated
+
+        set_model_state_dict(model, load_consolidated(path, which))
+        return
     state = {which: get_model_state_dict(model, options=StateDictOptions())}
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state[which])

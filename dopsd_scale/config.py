@@ -82,6 +82,36 @@ class TeacherConfig:
 
 
 @dataclass
+class ParallelConfig:
+    kind: str = "none"
+    """`none` (a single process), `fsdp2` or `deepspeed` (any number of ranks)."""
+    param_dtype: str = "float32"
+    """FSDP2 compute dtype of gathered weights (`bfloat16` on GPUs: MixedPrecisionPolicy)."""
+    reduce_dtype: str = "float32"
+    """FSDP2 dtype of the gradient reduce-scatter."""
+    reshard_after_forward: bool = True
+    """FSDP2: free gathered student weights after forward (re-gather in backward): ZeRO-3 memory."""
+    defer_grad_sync: bool = False
+    """Sync gradients once per step, not after each of the K backwards (holds unsharded grads)."""
+    cpu_offload: bool = False
+    """Keep sharded weights, gradients and optimizer state in CPU memory (FSDP2 / ZeRO offload)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (2 or 3)."""
+
+
+@dataclass
+class FaultConfig:
+    rank: int = -1
+    """Rank that fails (-1: no fault injection). For tests of recovery."""
+    step: int = 0
+    """The optimizer step at which it fails (once per run directory)."""
+    kind: str = "raise"
+    """`raise` (an exception), `kill` (SIGKILL, as a lost node), `save` (raise mid-save) or `nan`."""
+    count: int = 1
+    """`nan` only: how many consecutive steps get a non-finite loss."""
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-5
     """Peak learning rate of AdamW (full fine-tuning wants ~1e-5)."""
@@ -149,6 +179,10 @@ class RunConfig:
     """`auto` (bf16 autocast on GPU, none on CPU), `bf16` or `no`."""
     deterministic: bool = False
     """Ask torch for deterministic algorithms (bitwise-reproducible CPU runs)."""
+    max_nonfinite_in_row: int = 5
+    """Abort after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    """Fault injection for recovery tests."""
 
 
 @dataclass
@@ -157,6 +191,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -265,6 +300,13 @@ def validate(cfg: Config) -> None:
     _require(cfg.metrics.val_steps >= 1, "metrics.val_steps", "must be >= 1")
     _require(cfg.run.max_steps >= 0, "run.max_steps", "must be >= 0")
     _one_of(cfg.run.device, ("auto", "cpu", "cuda"), "run.device")
+    _require(cfg.run.max_nonfinite_in_row >= 1, "run.max_nonfinite_in_row", "must be >= 1")
+    _one_of(cfg.run.fault.kind, ("raise", "kill", "save", "nan"), "run.fault.kind")
+    par = cfg.parallel
+    _one_of(par.kind, ("none", "fsdp2", "deepspeed"), "parallel.kind")
+    _one_of(par.param_dtype, ("float32", "bfloat16", "float16"), "parallel.param_dtype")
+    _one_of(par.reduce_dtype, ("float32", "bfloat16"), "parallel.reduce_dtype")
+    _one_of(par.zero_stage, (2, 3), "parallel.zero_stage")
     _one_of(cfg.run.mixed_precision, ("auto", "bf16", "no"), "run.mixed_precision")
     if cfg.data.path is not None:
         _require(os.path.isdir(cfg.data.path), "data.path", f"directory not found: {cfg.data.path}")

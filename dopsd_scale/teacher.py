@@ -9,9 +9,14 @@ updated shard by shard without gathering.
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import nn
+
+
+def plain_params(module: nn.Module) -> list[torch.Tensor]:
+    return [p.data for p in module.parameters()]
 
 
 class Teacher:
@@ -21,6 +26,8 @@ class Teacher:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"teacher.ema_decay={decay} must lie in [0, 1]")
         self.kind, self.decay = kind, decay
+        # `live` shares the student; the others copy it (before any sharding: the parallel
+        # strategy then shards the copy like the student and hands back the wrapped module).
         if kind == "live":
             self.module = student
         else:
@@ -31,12 +38,17 @@ class Teacher:
         return self.kind != "live"
 
     @torch.no_grad()
-    def update(self, student: nn.Module) -> None:
-        """teacher <- decay * teacher + (1 - decay) * student, after each optimizer step."""
+    def update(self, student: nn.Module,
+               local_params: Callable[[nn.Module], list[torch.Tensor]] = plain_params) -> None:
+        """teacher <- decay * teacher + (1 - decay) * student, after each optimizer step.
+
+        `local_params` yields the tensors this rank holds (whole weights, or matching shards
+        of student and teacher under FSDP/ZeRO-3), so the update never gathers a weight.
+        """
         if self.kind != "ema":
             return
-        t_params = list(self.module.parameters())
-        s_params = [p.detach().to(t.dtype) for p, t in zip(student.parameters(), t_params)]
+        t_params = local_params(self.module)
+        s_params = [p.to(t.dtype) for p, t in zip(local_params(student), t_params)]
         torch._foreach_lerp_(t_params, s_params, 1.0 - self.decay)
 
     def state_dict(self) -> dict:

@@ -1,7 +1,8 @@
 """The D-OPSD trainer: small `build_*` functions, one `train_step`, and the loop around it.
 
 The trainer is written for one rank. The same object runs in a single process, under torchrun,
-and inside a Ray Train worker; what differs is only how the model is wrapped for parallelism.
+and inside a Ray Train worker; the parallel strategy (none, FSDP2, DeepSpeed) decides how the
+student, its optimizer and the teacher are sharded. Ray is an orchestrator, not a dependency.
 """
 
 from __future__ import annotations
@@ -10,35 +11,40 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import Checkpointer, apply_training_state, training_state
+from .checkpoint import Checkpointer
 from .config import Config, DataConfig, ModelConfig, ObjectiveConfig, RunConfig, save_config, to_dict
-from .data.format import Manifest, find_val_prompts, load_val_prompts
+from .data.format import Manifest
 from .data.reader import Batch, FeatureLoader, build_loader
+from .distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, configure_rank_logging, init_distributed
+from .faults import FaultInjector, StopRequest
 from .flow import schedule
 from .metrics import MetricsLogger, Throughput, device_peak_tflops
 from .models import ModelSpec, get_spec
 from .objectives import DOPSDObjective, SFTObjective
 from .objectives.dopsd import RolloutStats
-from .optim import build_lr_schedule, build_optimizer
+from .optim import build_lr_schedule
+from .parallel import ParallelStrategy, build_parallel
 from .teacher import Teacher
-from .validation import save_grid, validation_grid
+from .validation import run_validation
 
 log = logging.getLogger(__name__)
 
 
+class NonFiniteAbort(RuntimeError):
+    pass
+
+
 # ---- builders -----------------------------------------------------------------------------
-def build_device(cfg: RunConfig) -> torch.device:
+def build_device(cfg: RunConfig, info: DistInfo) -> torch.device:
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("run.device=cuda but no CUDA device is visible")
-        index = dist.get_rank() % torch.cuda.device_count() if dist.is_initialized() else 0
-        return torch.device("cuda", index)
+        return torch.device("cuda", info.local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
 
@@ -66,39 +72,51 @@ def build_objective(cfg: ObjectiveConfig, spec: ModelSpec):
     return DOPSDObjective(sigmas, cfg.space, cfg.steps, cfg.per_step_backward, cfg.loss_weight)
 
 
-def build_data(cfg: DataConfig, feature_dim: int, seed: int, rank: int, world_size: int) -> FeatureLoader:
+def build_data(cfg: DataConfig, feature_dim: int, info: DistInfo) -> FeatureLoader:
     return build_loader(cfg.path, cfg.batch_size, feature_dim, cfg.num_workers, cfg.shuffle_buffer,
-                        seed, rank, world_size)
+                        cfg.seed, info.rank, info.world_size)
 
 
-def feature_dim_of(model: nn.Module) -> int:
-    return int(model.config.cap_feat_dim)
+def build_student_and_teacher(spec: ModelSpec, cfg: Config, device: torch.device,
+                              strategy: ParallelStrategy) -> Teacher:
+    """The student and teacher copies, handed to the strategy to wrap and shard together."""
+    model = build_model(spec, cfg.model, device)
+    teacher = Teacher(model, cfg.teacher.kind, cfg.teacher.ema_decay)
+    strategy.setup(model, teacher.module if teacher.owns_weights else None, spec.sharding_units(model), cfg.optim)
+    teacher.module = strategy.teacher if teacher.owns_weights else strategy.model
+    return teacher
 
 
 # ---- the trainer --------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1):
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+    def __init__(self, cfg: Config, on_log: Optional[Callable[[int, dict], None]] = None):
+        self.cfg, self.on_log = cfg, on_log
+        self.info = init_distributed()
+        self.rank, self.world_size = self.info.rank, self.info.world_size
+        configure_rank_logging(self.info)
         self.run_dir = Path(cfg.run.output_dir)
         torch.manual_seed(cfg.run.seed)
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.device = build_device(cfg.run)
+        self.device = build_device(cfg.run, self.info)
         self.autocast = build_autocast(cfg.run, self.device)
         self.spec = get_spec(cfg.model.name, cfg.model.path)
-        self.model = build_model(self.spec, cfg.model, self.device)
-        self.teacher = Teacher(self.model, cfg.teacher.kind, cfg.teacher.ema_decay)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.strategy = build_parallel(cfg.parallel, self.info, self.device)
+        self.teacher = build_student_and_teacher(self.spec, cfg, self.device, self.strategy)
+        self.model, self.optimizer = self.strategy.model, self.strategy.optimizer
         self.lr_schedule = build_lr_schedule(self.optimizer, cfg.optim, cfg.run.max_steps)
         self.objective = build_objective(cfg.objective, self.spec)
-        self.loader = build_data(cfg.data, feature_dim_of(self.model), cfg.data.seed, rank, world_size)
+        self.feature_dim = int(self.strategy.unwrapped().config.cap_feat_dim)
+        self.loader = build_data(cfg.data, self.feature_dim, self.info)
         self.manifest = Manifest.load(cfg.data.path)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
-        self.metrics = MetricsLogger(self.run_dir, cfg.metrics.tensorboard, enabled=rank == 0)
+        self.metrics = MetricsLogger(self.run_dir, cfg.metrics.tensorboard, enabled=self.info.is_main)
         self.throughput = Throughput()
         self.peak_tflops = device_peak_tflops(self.device, cfg.metrics.peak_tflops)
+        self.faults = FaultInjector(cfg.run.fault, self.run_dir, self.rank)
         self.step = 0
         self.skipped_nonfinite = 0
+        self.nonfinite_in_row = 0
 
     # ---- one optimizer step ----------------------------------------------------------------
     def _velocity_fn(self, model: nn.Module, cond):
@@ -109,38 +127,62 @@ class Trainer:
         return velocity
 
     def _noise(self, batch: Batch) -> tuple[torch.Tensor, torch.Generator]:
-        """Noise from a generator keyed by (seed, step, rank): resumes replay it exactly."""
-        gen = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + self.step * 4_099 + self.rank)
+        """Per-sample noise keyed by (seed, step, global sample index).
+
+        The noise of a sample does not depend on how samples are spread over ranks, so a run on
+        2 ranks x 1 sample sees the same noise as one process with 2 samples, and a resumed run
+        replays it exactly.
+        """
         shape = self.spec.latent_shape(*batch.bucket)
-        return torch.randn((len(batch), *shape), generator=gen).to(self.device), gen
+        first = self.rank * len(batch)
+        base = self.cfg.run.seed * 1_000_003 + self.step * 65_537
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(base + first + i)) for i in range(len(batch))]
+        return torch.stack(noise).to(self.device), torch.Generator().manual_seed(base)
 
     def train_step(self, batch: Batch) -> tuple[RolloutStats, float]:
         """Roll out, back-propagate, clip, step, update the teacher. Returns (stats, grad norm)."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.strategy.zero_grad()
         noise, gen = self._noise(batch)
         student = self._velocity_fn(self.model, batch.student)
+        backward = self.strategy.backward
         if isinstance(self.objective, SFTObjective):
-            stats = self.objective(student, batch.latents, noise, generator=gen)
+            stats = self.objective(student, batch.latents, noise, generator=gen, backward=backward)
         else:
             teacher = self._velocity_fn(self.teacher.module, batch.teacher)
-            stats = self.objective(student, teacher, noise, generator=gen)
-        clip = self.cfg.optim.grad_clip or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        if not torch.isfinite(torch.tensor([stats.loss, grad_norm])).all():
-            self.skipped_nonfinite += 1
-            log.warning("step %d: non-finite loss or gradient, update skipped", self.step)
-            self.optimizer.zero_grad(set_to_none=True)
+            stats = self.objective(student, teacher, noise, generator=gen, backward=backward)
+        stats.loss = self.faults.maybe_poison(self.step, stats.loss)
+        grad_norm = self.strategy.clip_grad_norm(self.cfg.optim.grad_clip or float("inf"))
+        # every rank must take the same decision, so the flag is reduced
+        bad = all_reduce_max([0.0 if torch.isfinite(torch.tensor([stats.loss, grad_norm])).all() else 1.0],
+                             self.device)[0]
+        if bad:
+            self._skip_nonfinite()
         else:
-            self.optimizer.step()
-            self.teacher.update(self.model)
+            self.nonfinite_in_row = 0
+            self.strategy.optimizer_step()
+            self.teacher.update(self.model, self.strategy.local_params)
         self.lr_schedule.step()
         return stats, grad_norm
 
+    def _skip_nonfinite(self) -> None:
+        self.skipped_nonfinite += 1
+        self.nonfinite_in_row += 1
+        self.strategy.zero_grad()
+        log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                    self.step, self.nonfinite_in_row)
+        if self.nonfinite_in_row >= self.cfg.run.max_nonfinite_in_row:
+            raise NonFiniteAbort(
+                f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient (run.max_nonfinite_in_row="
+                f"{self.cfg.run.max_nonfinite_in_row}): lower optim.lr or check the data; last checkpoint: "
+                f"{self.checkpointer.latest()}"
+            )
+
     def step_flops(self, batch: Batch, stats: RolloutStats) -> float:
-        """Model FLOPs of the step: forward = F, forward+backward = 3F, per sample."""
+        """Model FLOPs of the step on this rank: forward = F, forward+backward = 3F, per sample."""
         shape = self.spec.latent_shape(*batch.bucket)
-        f_s = self.spec.flops_per_forward(self.model, shape, int(batch.student.lengths.float().mean()))
-        f_t = self.spec.flops_per_forward(self.model, shape, int(batch.teacher.lengths.float().mean()))
+        model = self.strategy.unwrapped()
+        f_s = self.spec.flops_per_forward(model, shape, int(batch.student.lengths.float().mean()))
+        f_t = self.spec.flops_per_forward(model, shape, int(batch.teacher.lengths.float().mean()))
         trained = sum(1 for v in stats.loss_per_step if v is not None)
         untrained = stats.student_forwards - trained
         return len(batch) * (3 * f_s * trained + f_s * untrained + f_t * stats.teacher_forwards)
@@ -148,68 +190,82 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> None:
         cfg = self.cfg
-        if self.rank == 0:
+        if self.info.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         self.resume()
-        if self.step == 0 and self.rank == 0:
-            log.info("training %s from %s for %d steps", cfg.model.name, cfg.model.path, cfg.run.max_steps)
-        while self.step < cfg.run.max_steps:
-            t0 = time.perf_counter()
-            batch = next(self.loader).to(self.device)
-            wait = time.perf_counter() - t0
-            stats, grad_norm = self.train_step(batch)
-            self.step += 1
-            self.throughput.add(len(batch) * self.world_size, self.step_flops(batch, stats) * self.world_size, wait)
-            if self.step % cfg.metrics.log_every == 0 or self.step == cfg.run.max_steps:
-                self.log_metrics(stats, grad_norm)
-            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
-                self.save()
-            if cfg.metrics.val_every > 0 and self.step % cfg.metrics.val_every == 0:
-                self.validate()
+        log.info("training %s from %s: steps %d..%d on %d rank(s), parallel=%s", cfg.model.name,
+                 cfg.model.path, self.step, cfg.run.max_steps, self.world_size, cfg.parallel.kind)
+        with StopRequest() as stop:
+            while self.step < cfg.run.max_steps:
+                self.faults.maybe_fail(self.step)
+                self._one_step()
+                if all_reduce_max([float(stop.requested)], self.device)[0]:
+                    log.warning("stop requested (signal): saving a checkpoint at step %d and exiting", self.step)
+                    self.save()
+                    self.metrics.close()
+                    return
         self.finish()
+
+    def _one_step(self) -> None:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batch = next(self.loader).to(self.device)
+        wait = time.perf_counter() - t0
+        stats, grad_norm = self.train_step(batch)
+        self.step += 1
+        self.throughput.add(len(batch), self.step_flops(batch, stats), wait)
+        if self.step % cfg.metrics.log_every == 0 or self.step == cfg.run.max_steps:
+            self.log_metrics(stats, grad_norm)
+        if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+            self.save()
+        if cfg.metrics.val_every > 0 and self.step % cfg.metrics.val_every == 0:
+            self.validate()
 
     def finish(self) -> None:
         cfg = self.cfg
-        if cfg.checkpoint.save_final and self.checkpointer.latest() != self._step_path():
+        latest = self.checkpointer.latest()
+        if cfg.checkpoint.save_final and (latest is None or latest.name != f"step_{self.step:08d}"):
             self.save()
         if cfg.metrics.val_every >= 0:
             self.validate()
-        if cfg.checkpoint.export_final and self.rank == 0:
+        if cfg.checkpoint.export_final:
             self.export(self.run_dir / "export")
         self.metrics.close()
 
     def log_metrics(self, stats: RolloutStats, grad_norm: float) -> None:
+        local = self.throughput.report(self.peak_tflops)
+        loss, gap_mean, wait_mean = all_reduce_mean(
+            [stats.loss, _mean(stats.gap_per_step), local["data_wait_share"]], self.device)
+        samples, flops = (v * self.world_size for v in all_reduce_mean([local["samples_per_s"], local["tflops"]],
+                                                                         self.device))
         record: dict[str, Any] = {
-            "loss": stats.loss,
+            "loss": loss,
             "grad_norm": grad_norm,
             "lr": self.lr_schedule.get_last_lr()[0],
             "skipped_nonfinite": self.skipped_nonfinite,
-            "epoch_batches": self.loader.consumed,
+            "batches_consumed": self.loader.consumed,
+            "samples_per_s": samples,
+            "tflops": flops,
+            "data_wait_share": wait_mean,
+            "data_wait_share_max": all_reduce_max([local["data_wait_share"]], self.device)[0],
         }
-        for k, (loss, gap) in enumerate(zip(stats.loss_per_step, stats.gap_per_step)):
-            if loss is not None:
-                record[f"loss_step_{k}"] = loss
-            if gap is not None:
+        if self.peak_tflops:
+            record["mfu"] = flops * 1e12 / (self.peak_tflops * 1e12 * self.world_size)
+        for k, (step_loss, gap) in enumerate(zip(stats.loss_per_step, stats.gap_per_step)):
+            if step_loss is not None:
+                record[f"loss_step_{k}"] = step_loss
                 record[f"gap_step_{k}"] = gap
-        gaps = [g for g in stats.gap_per_step if g is not None]
-        if gaps:
-            record["teacher_student_gap"] = sum(gaps) / len(gaps)
-        record.update(self.throughput.report(self.peak_tflops))
+        if any(g is not None for g in stats.gap_per_step):
+            record["teacher_student_gap"] = gap_mean
         if self.device.type == "cuda":
-            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            record["peak_mem_gib"] = all_reduce_max([torch.cuda.max_memory_allocated(self.device) / 2**30],
+                                                    self.device)[0]
         self.metrics.log(self.step, record)
-        if self.rank == 0:
-            log.info("step %d loss %.5f gap %.5f grad %.3f %.2f samples/s", self.step, stats.loss,
-                     record.get("teacher_student_gap", float("nan")), grad_norm, record["samples_per_s"])
+        if self.on_log is not None:
+            self.on_log(self.step, record)
+        log.info("step %d loss %.5f grad %.3f %.2f samples/s", self.step, loss, grad_norm, samples)
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def _step_path(self) -> Path:
-        return self.checkpointer.root / f"step_{self.step:08d}"
-
-    def _tensor_state(self) -> dict:
-        teacher = self.teacher.module if self.teacher.owns_weights else None
-        return training_state(self.model, self.optimizer, teacher)
-
     def save(self) -> Path:
         extra = {
             "step": self.step,
@@ -219,51 +275,47 @@ class Trainer:
             "world_size": self.world_size,
             "config": to_dict(self.cfg),
         }
-        path = self.checkpointer.save(self.step, self._tensor_state(), extra)
+        self.faults.maybe_fail_in_save(self.step)
+        path = self.checkpointer.save(self.step, self.strategy, extra)
         log.info("saved checkpoint %s", path)
         return path
 
-    def resume(self) -> bool:
-        path = self.checkpointer.resolve(self.cfg.checkpoint.resume)
+    def resume(self, path: Optional[Path] = None) -> bool:
+        path = path or self.checkpointer.resolve(self.cfg.checkpoint.resume)
         if path is None:
             return False
-        state = self._tensor_state()
-        extra = self.checkpointer.load(path, state)
-        teacher = self.teacher.module if self.teacher.owns_weights else None
-        apply_training_state(state, self.model, self.optimizer, teacher)
+        extra = self.checkpointer.load(path, self.strategy)
         self.step = int(extra["step"])
         self.lr_schedule.last_epoch = int(extra["lr_schedule"]["last_epoch"])
         self.lr_schedule._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         self.skipped_nonfinite = int(extra.get("skipped_nonfinite", 0))
         if extra.get("data"):
             self.loader.load_state_dict(extra["data"])
+        elif extra.get("world_size") != self.world_size:
+            log.warning("checkpoint from %s rank(s), now %d: the data stream restarts", extra.get("world_size"),
+                        self.world_size)
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
     # ---- validation and export -----------------------------------------------------------------
-    def validation_size(self) -> tuple[int, int]:
-        m = self.cfg.metrics
-        if m.val_height and m.val_width:
-            return m.val_height, m.val_width
-        buckets = self.manifest.producer.get("buckets") or [[self.spec.default_size] * 2]
-        return tuple(buckets[0])
-
     def validate(self) -> Optional[Path]:
-        path = find_val_prompts(self.cfg.data.path, self.cfg.data.val_features)
-        if path is None or self.rank != 0:
-            return None
-        _, feats = load_val_prompts(path)
-        vae = self.spec.load_vae()
-        vae = vae.to(self.device) if vae is not None else None
-        height, width = self.validation_size()
-        with self.autocast:
-            grid = validation_grid(self.spec, self.model, vae, feats, height, width, self.cfg.metrics.val_steps,
-                                   self.cfg.metrics.val_seed, self.device)
-        out = save_grid(grid, self.run_dir, self.step)
-        log.info("validation grid %s", out)
-        return out
+        """All ranks roll out (sharded forwards are collective); rank 0 decodes and saves."""
+        return run_validation(self.spec, self.model, self.cfg, self.manifest, self.device, self.autocast,
+                              self.step, self.run_dir, self.info.is_main)
 
-    def export(self, out_dir: Path) -> Path:
-        target = self.spec.export(self.model, out_dir)
-        log.info("exported %s", target)
+    def export(self, out_dir: Path) -> Optional[Path]:
+        """Gather the student's full weights (collective) and write a diffusers directory on rank 0."""
+        state = self.strategy.full_state_dict()
+        target = None
+        if self.info.is_main:
+            plain = self.spec.load_transformer_from_config()
+            plain.load_state_dict(state)
+            target = self.spec.export(plain, out_dir)
+            log.info("exported %s", target)
+        barrier()
         return target
+
+
+def _mean(values: list[Optional[float]]) -> float:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else 0.0

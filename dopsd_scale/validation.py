@@ -56,15 +56,36 @@ def sample_latents(spec: ModelSpec, model: nn.Module, feats: list[torch.Tensor],
     return euler_rollout(lambda x, s: spec.velocity(model, x, s, cond), noise, sigmas)
 
 
+def validation_size(cfg, manifest, spec: ModelSpec) -> tuple[int, int]:
+    """metrics.val_height/width, else the first bucket of the feature shards."""
+    if cfg.metrics.val_height and cfg.metrics.val_width:
+        return cfg.metrics.val_height, cfg.metrics.val_width
+    buckets = manifest.producer.get("buckets") or [[spec.default_size] * 2]
+    return int(buckets[0][0]), int(buckets[0][1])
+
+
 @torch.no_grad()
-def validation_grid(spec: ModelSpec, model: nn.Module, vae: Optional[nn.Module], feats: list[torch.Tensor],
-                    height: int, width: int, num_steps: int, seed: int, device: torch.device) -> Image.Image:
+def run_validation(spec: ModelSpec, model: nn.Module, cfg, manifest, device: torch.device, autocast,
+                   step: int, run_dir: Path, is_main: bool) -> Optional[Path]:
+    """Every rank rolls out (a sharded model's forward is collective); rank 0 decodes and saves."""
+    from .data.format import find_val_prompts, load_val_prompts
+
+    path = find_val_prompts(cfg.data.path, cfg.data.val_features)
+    if path is None:
+        return None
+    _, feats = load_val_prompts(path)
+    height, width = validation_size(cfg, manifest, spec)
     was_training = model.training
     model.eval()
-    latents = sample_latents(spec, model, feats, height, width, num_steps, seed, device)
+    with autocast:
+        latents = sample_latents(spec, model, feats, height, width, cfg.metrics.val_steps,
+                                 cfg.metrics.val_seed, device)
     model.train(was_training)
-    images = spec.decode(vae, latents) if vae is not None else latents_preview(latents)
-    return images_to_grid(images)
+    if not is_main:
+        return None
+    vae = spec.load_vae()
+    images = spec.decode(vae.to(device), latents) if vae is not None else latents_preview(latents)
+    return save_grid(images_to_grid(images), run_dir, step)
 
 
 def save_grid(grid: Image.Image, run_dir: str | Path, step: int) -> Path:

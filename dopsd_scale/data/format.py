@@ -1,17 +1,30 @@
 """The feature-sample format: WebDataset tar shards plus a manifest, no pickle anywhere.
 
 One sample is two tar members sharing a key:
-  `<key>.json`         metadata: caption, bucket [H, W] in pixels, source size, feature lengths
+  `<key>.json`         metadata: `caption` (variant 0), `captions` (all variants), bucket [H, W]
+                       in pixels, source size and id, the tensors' shapes
   `<key>.safetensors`  tensors: `student` [Ls, D], `teacher` [Lt, D], optional `latents` [C, h, w]
                        and `ref_latents` [C, h, w] (edit_reference context)
+
+Caption variants (e.g. a long caption and a tag list of the same image) live in ONE sample:
+variant 0 is `student`/`teacher`, variant i >= 1 is `student_<i>`/`teacher_<i>` (both depend on
+the caption; the latents do not, so they are stored once). One sample per image keeps an epoch
+"every image once" whatever the number of variants; the reader picks one variant per sample and
+epoch with :func:`pick_variant`, a hash of (seed, epoch, key), so the choice is reproducible and
+a resumed run picks the same ones. A sample without variants is simply a one-variant sample.
+
 `manifest.json` beside the shards records what produced them; `val_prompts.safetensors` holds
-the validation prompts' student features, so the trainer never loads an encoder.
+the validation prompts' student features, so the trainer never loads an encoder. Image shards
+(from `make-shards`) use the same `Manifest` class with `producer["kind"] == "image-shards"`.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -23,8 +36,11 @@ from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+REPORT = "report.jsonl"
 VAL_PROMPTS = "val_prompts.safetensors"
 TENSOR_KEYS = ("student", "teacher", "latents", "ref_latents")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+"""Tar member extensions of the image in an image shard (the original bytes, never re-encoded)."""
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -42,6 +58,34 @@ class FeatureSample:
     def bucket(self) -> tuple[int, int]:
         h, w = self.meta["bucket"]
         return int(h), int(w)
+
+    @property
+    def num_variants(self) -> int:
+        return count_variants(self.tensors)
+
+    def variant(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student, teacher) features of caption variant `index`."""
+        return self.tensors[variant_name("student", index)], self.tensors[variant_name("teacher", index)]
+
+
+def variant_name(base: str, index: int) -> str:
+    """Tensor name of caption variant `index`: `student`, `student_1`, `student_2`, ..."""
+    return base if index == 0 else f"{base}_{index}"
+
+
+def count_variants(names) -> int:
+    """Number of consecutive caption variants present among tensor `names`."""
+    n = 0
+    while variant_name("student", n) in names and variant_name("teacher", n) in names:
+        n += 1
+    return n
+
+
+def pick_variant(seed: int, epoch: int, key: str, count: int) -> int:
+    """The caption variant a sample shows in an epoch: stable across runs, processes and layouts."""
+    if count <= 1:
+        return 0
+    return zlib.crc32(f"{seed}/{epoch}/{key}".encode("utf-8")) % count
 
 
 def encode_sample(sample: FeatureSample, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
@@ -68,12 +112,59 @@ def decode_sample(raw: dict[str, Any]) -> FeatureSample:
         tensors = st_load(bytes(raw["safetensors"]))
     except Exception as err:  # corrupt bytes fail in many ways
         raise FeatureFormatError(f"{where}: unreadable sample ({type(err).__name__}: {err})") from None
-    for name in ("student", "teacher"):
-        if name not in tensors or tensors[name].ndim != 2:
-            raise FeatureFormatError(f"{where}: '{name}' features missing or not [L, D]")
+    shapes = {name: list(t.shape) for name, t in tensors.items()}
+    check_feature_shapes(where, meta, shapes)
+    return FeatureSample(key=key, meta=meta, tensors=tensors)
+
+
+def check_raw_sample(raw: dict[str, Any], width: Optional[int] = None) -> tuple[dict, dict[str, list[int]]]:
+    """(metadata, tensor shapes) of raw tar members, checked without decoding the tensors."""
+    where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+    missing = [m for m in ("json", "safetensors") if m not in raw]
+    if missing:
+        raise FeatureFormatError(f"{where}: missing member(s) {', '.join(missing)}")
+    try:
+        meta = json.loads(raw["json"])
+        shapes = safetensors_shapes(bytes(raw["safetensors"]))
+    except Exception as err:  # corrupt bytes fail in many ways
+        raise FeatureFormatError(f"{where}: unreadable sample ({type(err).__name__}: {err})") from None
+    check_feature_shapes(where, meta, shapes, width)
+    return meta, shapes
+
+
+def check_feature_shapes(where: str, meta: dict, shapes: dict[str, list[int]], width: Optional[int] = None) -> None:
+    """Structural checks of one sample (and its feature width when given); names the field."""
     if "bucket" not in meta:
         raise FeatureFormatError(f"{where}: metadata has no 'bucket'")
-    return FeatureSample(key=key, meta=meta, tensors=tensors)
+    count = count_variants(shapes)
+    if count == 0:
+        raise FeatureFormatError(f"{where}: 'student' or 'teacher' features missing")
+    for i in range(count):
+        for base in ("student", "teacher"):
+            name = variant_name(base, i)
+            if len(shapes[name]) != 2:
+                raise FeatureFormatError(f"{where}: '{name}' features are not [L, D] (shape {shapes[name]})")
+            if width is not None and shapes[name][1] != width:
+                raise FeatureFormatError(f"{where}: '{name}' width {shapes[name][1]}, the model expects {width}")
+
+
+def safetensors_shapes(blob: bytes) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors blob's header, without decoding the tensors.
+
+    The reader checks every sample this way before batching (a bad sample never breaks a
+    batch) and decodes only the samples it yields, so replaying a stream on resume is cheap.
+    """
+    if len(blob) < 8:
+        raise ValueError("shorter than a safetensors header")
+    (n,) = struct.unpack("<Q", blob[:8])
+    if n > len(blob) - 8:
+        raise ValueError(f"header length {n} exceeds the blob ({len(blob)} bytes)")
+    header = json.loads(blob[8 : 8 + n])
+    header.pop("__metadata__", None)
+    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if 8 + n + end != len(blob):
+        raise ValueError(f"data ends at {8 + n + end}, blob has {len(blob)} bytes (truncated?)")
+    return {name: [int(d) for d in v["shape"]] for name, v in header.items()}
 
 
 # ---- manifest -------------------------------------------------------------------------------
@@ -84,6 +175,7 @@ class Manifest:
     producer: dict[str, Any]
     shards: dict[str, int] = field(default_factory=dict)  # shard file name -> sample count
     format_version: int = FORMAT_VERSION
+    sources: dict[str, str] = field(default_factory=dict)  # feature shard -> the image shard it came from
 
     @property
     def feature_dim(self) -> int:
@@ -93,8 +185,15 @@ class Manifest:
     def num_samples(self) -> int:
         return sum(self.shards.values())
 
+    @property
+    def kind(self) -> str:
+        return str(self.producer.get("kind", "features"))
+
     def to_json(self) -> dict:
-        return {"format_version": self.format_version, "producer": self.producer, "shards": self.shards}
+        data = {"format_version": self.format_version, "producer": self.producer, "shards": self.shards}
+        if self.sources:
+            data["sources"] = self.sources
+        return data
 
     def save(self, directory: str | Path) -> None:
         path = Path(directory) / MANIFEST
@@ -103,15 +202,38 @@ class Manifest:
         tmp.replace(path)  # atomic: a reader never sees half a manifest
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Manifest":
-        path = Path(directory) / MANIFEST
+    def load(cls, location: str | Path) -> "Manifest":
+        """From a shard directory, a manifest file, or a local glob/brace shard pattern."""
+        path = manifest_path(location)
         if not path.is_file():
-            raise FeatureFormatError(f"{path}: no manifest (is this a feature-shard directory?)")
+            raise FeatureFormatError(f"{path}: no manifest (is this a shard directory?)")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(producer=data["producer"], shards=data["shards"], format_version=data["format_version"])
+            return cls(producer=data["producer"], shards=data["shards"], format_version=data["format_version"],
+                       sources=data.get("sources", {}))
         except (json.JSONDecodeError, KeyError) as err:
             raise FeatureFormatError(f"{path}: malformed manifest ({err})") from None
+
+
+def manifest_path(location: str | Path) -> Path:
+    """Where the manifest of `location` lives: in the directory, the file itself, or beside the
+    first shard a local glob/brace pattern names (`pipe:` specs need an explicit manifest)."""
+    text = str(location)
+    if text.startswith("pipe:"):
+        raise FeatureFormatError(f"{text}: a pipe: shard spec has no local manifest; give the manifest.json path")
+    path = Path(text)
+    if path.is_dir():
+        return path / MANIFEST
+    if path.suffix == ".json":
+        return path
+    if any(c in text for c in "*?[{"):
+        from braceexpand import braceexpand
+
+        for pattern in braceexpand(text):
+            matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+            if matches:
+                return Path(matches[0]).parent / MANIFEST
+    return path / MANIFEST
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -145,8 +267,14 @@ def load_val_prompts(path: str | Path) -> tuple[list[str], list[torch.Tensor]]:
 
 
 def find_val_prompts(data_dir: Optional[str], explicit: Optional[str]) -> Optional[Path]:
+    """The explicit file, else `val_prompts.safetensors` beside the shards' manifest, if any."""
     if explicit:
         return Path(explicit)
-    candidate = Path(data_dir) / VAL_PROMPTS if data_dir else None
-    return candidate if candidate is not None and candidate.is_file() else None
+    if not data_dir:
+        return None
+    try:
+        candidate = manifest_path(data_dir).parent / VAL_PROMPTS
+    except FeatureFormatError:  # a pipe: spec: only an explicit file can be used
+        return None
+    return candidate if candidate.is_file() else None
 

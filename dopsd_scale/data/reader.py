@@ -1,28 +1,44 @@
 """Streaming reader of feature shards: rank/worker split, seeded shuffle, bucket batches, resume.
 
-The stream is a pure function of (shards, seed, rank, world size, worker count): every epoch the
-shard order is shuffled with `seed + epoch`, shards are dealt to ranks and then to DataLoader
-workers round-robin, samples pass a seeded shuffle buffer, and batches are cut per aspect
-bucket. Epochs follow each other without end. The resumable position is the number of batches
-a rank has consumed; a resumed reader with the same world size and worker count replays its
-stream up to that point and then yields exactly the batches the uninterrupted run would have.
+The shards come from a directory, glob, brace pattern or `pipe:` command (see `shards.py`). The
+stream is a pure function of (shards, seed, world size, worker count, plan) (see `position.py`):
+each epoch deals the seeded shard order to the rank x worker slots, each slot passes its
+samples through a shuffle buffer seeded by (seed, epoch, rank, worker) and cuts batches per
+aspect bucket, so every batch is bucket-homogeneous; a bucket's last partial batch of an epoch
+is dropped. Epochs follow each other without end and every batch carries its epoch. A sample
+with caption variants shows the variant `pick_variant(seed, epoch, key)` (see `format.py`).
+
+Every sample is checked before it is batched (members present, safetensors header sound, [L, D]
+features of the model's width) without decoding its tensors; a bad one is skipped, counted,
+logged and, when a report file is given, written to it with its shard, key and reason. Tensors
+are decoded only for the batches a reader yields, which keeps replay on resume cheap.
+
+The position (`state_dict`) is the batches consumed plus, per worker, its epoch and the shards it
+has completely delivered. Same layout: exact resume. Another world size or worker count: the
+earliest unfinished epoch is completed with the shards not yet delivered, without skipping any
+sample; `position.py` states exactly what may repeat. Pass every rank's state to
+`load_state_dict` (a list) for that guarantee.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 import webdataset as wds
+from safetensors.torch import load as st_load
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..models.spec import Condition
-from .format import FeatureFormatError, FeatureSample, Manifest, decode_sample
+from .format import FeatureFormatError, FeatureSample, check_raw_sample, count_variants, pick_variant
+from .position import STATE_VERSION, Plan, elastic_plan, epoch_shards, same_layout, worker_share
+from .shards import ShardSet, resolve_shards, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +52,21 @@ class Batch:
     bucket: tuple[int, int]
     keys: list[str]
     latents: Optional[torch.Tensor] = None
+    epoch: int = 0
+    """The epoch of the worker that cut this batch."""
+    worker: int = 0
+    """That worker's stream index (its slot is rank + world_size * worker)."""
+    done_shards: tuple[str, ...] = ()
+    """Shards of that worker's epoch delivered completely, up to and including this batch."""
+    skipped: list[dict] = field(default_factory=list)
+    """Bad samples the worker met since its previous batch: {shard, key, reason}."""
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def to(self, device: torch.device | str) -> "Batch":
         latents = None if self.latents is None else self.latents.to(device)
-        return Batch(self.student.to(device), self.teacher.to(device), self.bucket, self.keys, latents)
+        return replace(self, student=self.student.to(device), teacher=self.teacher.to(device), latents=latents)
 
 
 def pad_features(feats: list[torch.Tensor]) -> Condition:
@@ -75,96 +99,141 @@ def collate(samples: list[FeatureSample]) -> Batch:
     )
 
 
-def list_shards(path: str | Path) -> list[str]:
-    """Shards of a feature directory in manifest order."""
-    root = Path(path)
-    manifest = Manifest.load(root)
-    shards = [str(root / name) for name in sorted(manifest.shards)]
-    missing = [s for s in shards if not Path(s).is_file()]
-    if missing:
-        raise FeatureFormatError(f"{missing[0]}: listed in {root / 'manifest.json'} but not on disk")
-    return shards
+@dataclass
+class _Ref:
+    """A checked sample whose tensors are not decoded yet."""
+
+    key: str
+    shard: str
+    meta: dict
+    blob: bytes
+    variants: int
+
+    @property
+    def bucket(self) -> tuple[int, int]:
+        h, w = self.meta["bucket"]
+        return int(h), int(w)
+
+    def load(self, seed: int, epoch: int) -> FeatureSample:
+        """Decode, keeping the caption variant this epoch shows under the plain names."""
+        tensors = st_load(self.blob)
+        v = pick_variant(seed, epoch, self.key, self.variants)
+        if v:
+            tensors["student"], tensors["teacher"] = tensors[f"student_{v}"], tensors[f"teacher_{v}"]
+        return FeatureSample(self.key, self.meta, tensors)
+
+
+class _Progress:
+    """Which shards of a worker's epoch are completely delivered (read, and every sample out)."""
+
+    def __init__(self):
+        self.read: Counter = Counter()
+        self.out: Counter = Counter()
+        self.closed: set[str] = set()
+        self.done: list[str] = []
+
+    def _check(self, shard: str) -> None:
+        if shard in self.closed and self.out[shard] == self.read[shard] and shard not in self.done:
+            self.done.append(shard)
+
+    def close(self, shard: str) -> None:
+        self.closed.add(shard)
+        self._check(shard)
+
+    def deliver(self, refs: list[_Ref]) -> None:
+        for r in refs:
+            self.out[r.shard] += 1
+        for shard in {r.shard for r in refs}:
+            self._check(shard)
 
 
 class FeatureStream(IterableDataset):
     """Endless bucket-batched stream for one rank; use with :func:`build_loader`."""
 
-    def __init__(
-        self,
-        shards: list[str],
-        batch_size: int,
-        feature_dim: int,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle_buffer: int = 64,
-        seed: int = 0,
-    ):
+    def __init__(self, shards: list[str], batch_size: int, feature_dim: int, rank: int = 0, world_size: int = 1,
+                 shuffle_buffer: int = 64, seed: int = 0):
         if len(shards) < world_size:
             raise ValueError(f"{len(shards)} shard(s) cannot feed {world_size} ranks: write more, smaller shards")
-        self.shards, self.batch_size, self.feature_dim = shards, batch_size, feature_dim
+        self.urls = {shard_name(u): u for u in shards}
+        self.names = [shard_name(u) for u in shards]
+        self.batch_size, self.feature_dim = batch_size, feature_dim
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        self.skip_batches = 0  # set by the loader when resuming (per worker)
+        self.skip_batches = 0  # set by the loader when resuming (replayed, then dropped)
+        self.plan: Optional[Plan] = None  # set by the loader after a resume on another layout
+        self._skipped: list[dict] = []
 
-    # ---- the deterministic stream ------------------------------------------------------
-    def _my_shards(self, epoch: int, worker: int, num_workers: int) -> list[str]:
-        order = list(self.shards)
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        mine = order[self.rank :: self.world_size]
-        return mine[worker::num_workers]
+    # ---- reading and checking ----------------------------------------------------------------
+    def _skip(self, shard: str, key: str, reason: str) -> None:
+        self._skipped.append({"shard": shard, "key": key, "reason": reason})
+        log.warning("skipping sample %s:%s: %s", shard, key, reason)
 
-    def _samples(self, shards: list[str], skipped: list) -> Iterator[FeatureSample]:
-        for raw in wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False):
+    def _read_shard(self, name: str) -> Iterator[_Ref]:
+        def on_error(err: Exception) -> bool:
+            self._skip(name, "?", f"unreadable tar data ({type(err).__name__}: {err})")
+            return True  # go on with the next shard
+
+        url = self.urls[name]
+        ds = wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None,
+                            empty_check=False, handler=on_error)
+        for raw in ds:
+            key = raw.get("__key__", "?")
             try:
-                sample = decode_sample(raw)
-                self._check_width(sample)
-                yield sample
+                meta, shapes = check_raw_sample(raw, self.feature_dim)
             except FeatureFormatError as err:
-                skipped.append(str(err))
-                log.warning("skipping sample: %s", err)
+                self._skip(name, key, str(err))
+                continue
+            yield _Ref(key, name, meta, bytes(raw["safetensors"]), count_variants(shapes))
 
-    def _check_width(self, sample: FeatureSample) -> None:
-        for name in ("student", "teacher"):
-            width = sample.tensors[name].shape[1]
-            if width != self.feature_dim:
-                raise FeatureFormatError(f"{sample.key}: '{name}' width {width}, the model expects {self.feature_dim}")
+    def _samples(self, names: list[str], progress: _Progress) -> Iterator[_Ref]:
+        for name in names:
+            for ref in self._read_shard(name):
+                progress.read[name] += 1
+                yield ref
+            progress.close(name)
 
-    def _shuffled(self, samples: Iterator[FeatureSample], rng: random.Random) -> Iterator[FeatureSample]:
+    def _shuffled(self, refs: Iterator[_Ref], rng: random.Random) -> Iterator[_Ref]:
         if self.shuffle_buffer <= 1:
-            yield from samples
+            yield from refs
             return
-        buf: list[FeatureSample] = []
-        for s in samples:
-            buf.append(s)
+        buf: list[_Ref] = []
+        for r in refs:
+            buf.append(r)
             if len(buf) >= self.shuffle_buffer:
                 yield buf.pop(rng.randrange(len(buf)))
         rng.shuffle(buf)
         yield from buf
 
-    def _batches(self, samples: Iterator[FeatureSample]) -> Iterator[list[FeatureSample]]:
-        """Cut batches per bucket; leftovers at the end of an epoch are dropped (and stated)."""
-        pending: dict[tuple[int, int], list[FeatureSample]] = defaultdict(list)
-        for s in samples:
-            group = pending[s.bucket]
-            group.append(s)
+    def _batches(self, refs: Iterator[_Ref], progress: _Progress) -> Iterator[list[_Ref]]:
+        """Cut batches per bucket; a bucket's leftovers at the end of an epoch are dropped."""
+        pending: dict[tuple[int, int], list[_Ref]] = defaultdict(list)
+        for r in refs:
+            group = pending[r.bucket]
+            group.append(r)
             if len(group) == self.batch_size:
-                yield pending.pop(s.bucket)
+                batch = pending.pop(r.bucket)
+                progress.deliver(batch)
+                yield batch
+        for leftovers in pending.values():
+            progress.deliver(leftovers)
 
-    def stream(self, worker: int = 0, num_workers: int = 1) -> Iterator[tuple[int, list[FeatureSample]]]:
-        """(epoch, samples of one batch) forever; raises if an epoch yields nothing."""
-        epoch = 0
+    # ---- the deterministic stream -----------------------------------------------------------
+    def stream(self, worker: int = 0, num_workers: int = 1) -> Iterator[tuple[int, list[_Ref], tuple[str, ...]]]:
+        """(epoch, refs of one batch, done shards) forever; raises if a whole epoch yields nothing."""
+        slot, slots = self.rank + self.world_size * worker, self.world_size * num_workers
+        epoch = self.plan.epoch if self.plan else 0
         while True:
-            skipped: list[str] = []
-            shards = self._my_shards(epoch, worker, num_workers)
+            order, partial = epoch_shards(self.names, self.seed, epoch, self.plan)
+            mine = order[slot::slots]
             rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
-            produced = 0
-            for batch in self._batches(self._shuffled(self._samples(shards, skipped), rng)):
+            progress, produced = _Progress(), 0
+            for refs in self._batches(self._shuffled(self._samples(mine, progress), rng), progress):
                 produced += 1
-                yield epoch, batch
-            if produced == 0:
+                yield epoch, refs, tuple(progress.done)
+            if produced == 0 and not partial:
                 raise RuntimeError(
                     f"rank {self.rank} worker {worker}: epoch {epoch} gave no full batch of {self.batch_size} "
-                    f"from {len(shards)} shard(s) ({len(skipped)} sample(s) skipped)"
+                    f"from {len(mine)} shard(s) ({len(self._skipped)} sample(s) skipped)"
                 )
             epoch += 1
 
@@ -174,23 +243,32 @@ class FeatureStream(IterableDataset):
         # The DataLoader asks its workers round-robin starting at worker 0, so after `skip`
         # batches the stream's worker (skip % W) must sit in loader slot 0: rotate the roles.
         worker = (worker + self.skip_batches) % num_workers
-        to_skip = _worker_share(self.skip_batches, worker, num_workers)
-        for i, (_, samples) in enumerate(self.stream(worker, num_workers)):
-            if i >= to_skip:
-                yield collate(samples)
-
-
-def _worker_share(consumed: int, worker: int, num_workers: int) -> int:
-    """Batches worker `worker` delivered out of `consumed`, given the loader's round-robin."""
-    return consumed // num_workers + (1 if worker < consumed % num_workers else 0)
+        to_skip = worker_share(self.skip_batches, worker, num_workers)
+        for i, (epoch, refs, done) in enumerate(self.stream(worker, num_workers)):
+            if i < to_skip:
+                self._skipped.clear()  # reported by the run that consumed these batches
+                continue
+            batch = collate([r.load(self.seed, epoch) for r in refs])
+            batch.epoch, batch.worker, batch.done_shards = epoch, worker, done
+            batch.skipped, self._skipped = self._skipped, []
+            yield batch
 
 
 class FeatureLoader:
     """A DataLoader over :class:`FeatureStream` that knows its position (a state dict)."""
 
-    def __init__(self, stream: FeatureStream, num_workers: int = 0):
-        self.stream, self.num_workers = stream, num_workers
+    def __init__(self, stream: FeatureStream, num_workers: int = 0, shards: Optional[ShardSet] = None,
+                 report_path: Optional[str] = None):
+        slots = stream.world_size * max(1, num_workers)
+        if len(stream.names) < slots:
+            raise ValueError(f"{len(stream.names)} shard(s) cannot feed {stream.world_size} rank(s) x "
+                             f"{max(1, num_workers)} worker(s): write more, smaller shards")
+        self.stream, self.num_workers, self.shards = stream, num_workers, shards
+        self.manifest = shards.manifest if shards else None
+        self.report_path = Path(report_path) if report_path else None
         self.consumed = 0
+        self.skipped = 0
+        self.positions: dict[int, dict] = {}  # stream worker -> {"epoch", "done"} of its last batch
         self._iter: Optional[Iterator[Batch]] = None
 
     def __iter__(self) -> "FeatureLoader":
@@ -199,51 +277,80 @@ class FeatureLoader:
     def __next__(self) -> Batch:
         if self._iter is None:
             self.stream.skip_batches = self.consumed
-            loader = DataLoader(
-                self.stream,
-                batch_size=None,
-                num_workers=self.num_workers,
-                persistent_workers=False,
-                prefetch_factor=4 if self.num_workers else None,
-            )
+            loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                                persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
             self._iter = iter(loader)
         batch = next(self._iter)
         self.consumed += 1
+        self.positions[batch.worker] = {"epoch": batch.epoch, "done": list(batch.done_shards)}
+        self._report(batch.skipped)
         return batch
 
-    def state_dict(self) -> dict:
+    @property
+    def epoch(self) -> int:
+        """The epoch of the slowest worker (all of its earlier epochs are complete)."""
+        start = self.stream.plan.epoch if self.stream.plan else 0
+        return min((p["epoch"] for p in self.positions.values()), default=start)
+
+    def _report(self, rows: list[dict]) -> None:
+        self.skipped += len(rows)
+        if rows and self.report_path is not None:
+            with open(self.report_path, "a", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps({"rank": self.stream.rank, **row}, ensure_ascii=False) + "\n")
+
+    # ---- position ------------------------------------------------------------------------------
+    def _layout(self) -> dict:
         s = self.stream
+        digest = self.shards.digest() if self.shards else None
+        return {"world_size": s.world_size, "num_workers": self.num_workers, "seed": s.seed,
+                "batch_size": s.batch_size, "shards_digest": digest}
+
+    def state_dict(self) -> dict:
+        """JSON-safe position of this rank (see `position.py` for what a resume does with it)."""
         return {
+            "version": STATE_VERSION,
             "consumed_batches": self.consumed,
-            "rank": s.rank,
-            "world_size": s.world_size,
-            "num_workers": self.num_workers,
-            "seed": s.seed,
-            "batch_size": s.batch_size,
+            "rank": self.stream.rank,
+            **self._layout(),
+            "plan": self.stream.plan.to_json() if self.stream.plan else None,
+            "workers": {str(w): p for w, p in sorted(self.positions.items())},
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        s = self.stream
-        same = (state["world_size"], state["num_workers"], state["seed"], state["batch_size"]) == (
-            s.world_size,
-            self.num_workers,
-            s.seed,
-            s.batch_size,
-        )
-        if not same:
-            log.warning("data layout changed since the checkpoint: the data stream restarts at epoch 0")
-            self.consumed = 0
-        else:
-            self.consumed = int(state["consumed_batches"])
+    def load_state_dict(self, state: Union[dict, list[dict]]) -> None:
+        """Resume from this rank's state, or from the list of every rank's states (needed to
+        resume on another layout without repeats beyond those `position.py` states)."""
+        states = [state] if isinstance(state, dict) else list(state)
+        current = self._layout()
+        mine = next((s for s in states if int(s.get("rank", 0)) == self.stream.rank), states[0])
         self._iter = None
+        self.positions = {}
+        if same_layout(mine, current):
+            self.consumed = int(mine["consumed_batches"])
+            self.stream.plan = Plan.from_json(mine.get("plan"))
+            self.positions = {int(w): p for w, p in (mine.get("workers") or {}).items()}
+        elif mine.get("version") == STATE_VERSION and mine.get("shards_digest") == current["shards_digest"]:
+            self.consumed = 0
+            self.stream.plan = elastic_plan(states, self.stream.names)
+        else:
+            log.warning("the shards or the reader changed since the checkpoint: the data stream restarts at epoch 0")
+            self.consumed, self.stream.plan = 0, None
 
 
 def build_loader(data_dir: str, batch_size: int, feature_dim: int, num_workers: int = 0, shuffle_buffer: int = 64,
-                 seed: int = 0, rank: int = 0, world_size: int = 1) -> FeatureLoader:
-    manifest = Manifest.load(data_dir)
-    if manifest.feature_dim != feature_dim:
+                 seed: int = 0, rank: int = 0, world_size: int = 1, manifest: Optional[str] = None,
+                 report_path: Optional[str] = None) -> FeatureLoader:
+    """The reader of `data_dir` (a directory, glob, brace pattern or pipe: spec) for one rank."""
+    shards = resolve_shards(data_dir, manifest)
+    if shards.manifest.feature_dim != feature_dim:
+        where = shards.manifest_file or data_dir
         raise FeatureFormatError(
-            f"{data_dir}/manifest.json: features are {manifest.feature_dim} wide, the model expects {feature_dim}"
+            f"{where}: features are {shards.manifest.feature_dim} wide, the model expects {feature_dim}"
         )
-    stream = FeatureStream(list_shards(data_dir), batch_size, feature_dim, rank, world_size, shuffle_buffer, seed)
-    return FeatureLoader(stream, num_workers)
+    stream = FeatureStream(shards.urls, batch_size, feature_dim, rank, world_size, shuffle_buffer, seed)
+    return FeatureLoader(stream, num_workers, shards, report_path)
+
+
+def list_shards(path: str | Path) -> list[str]:
+    """Shards of a feature directory in manifest order (kept for callers of the first version)."""
+    return resolve_shards(str(path)).urls

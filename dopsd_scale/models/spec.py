@@ -119,7 +119,7 @@ class ModelSpec:
         raise NotImplementedError
 
     # ---- export --------------------------------------------------------------------------
-    def export(self, model: nn.Module, out_dir: str | Path, state_dict: Optional[dict] = None) -> Path:
+    def export(self, model: nn.Module, out_dir: str | Path) -> Path:
         """Write a diffusers-format directory; a whole pipeline when the base model is one.
 
         Returns the directory that holds the transformer.
@@ -132,5 +132,5 @@ class ModelSpec:
             target = out / "transformer"
         else:
             target = out
-        model.save_pretrained(str(target), state_dict=state_dict, safe_serialization=True)
+        model.save_pretrained(str(target), safe_serialization=True)
         return target

@@ -24,6 +24,12 @@ import torch
 from ..flow import euler_step
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+BackwardFn = Callable[[torch.Tensor, bool], None]
+
+
+def plain_backward(loss: torch.Tensor, last: bool) -> None:
+    """`last` marks the final backward of the optimizer step (parallel strategies sync there)."""
+    loss.backward()
 
 
 def parse_steps(steps: str, num_steps: int, generator: Optional[torch.Generator] = None) -> list[bool]:
@@ -72,10 +78,12 @@ class DOPSDObjective:
         return len(self.sigmas) - 1
 
     def __call__(self, student: VelocityFn, teacher: VelocityFn, noise: torch.Tensor,
-                 loss_scale: float = 1.0, generator: Optional[torch.Generator] = None) -> RolloutStats:
+                 loss_scale: float = 1.0, generator: Optional[torch.Generator] = None,
+                 backward: BackwardFn = plain_backward) -> RolloutStats:
         """Roll out, back-propagate the loss times `loss_scale` into the student, return stats."""
         trained = parse_steps(self.steps, self.num_steps, generator)
         n_trained = sum(trained)
+        last_trained = max(k for k, t in enumerate(trained) if t)
         stats = RolloutStats()
         pending: list[torch.Tensor] = []
         x = noise
@@ -99,7 +107,7 @@ class DOPSDObjective:
             loss_k = self.weight * distance(v_s, v_t, s_k, self.space)
             scaled = loss_k * (loss_scale / n_trained)
             if self.per_step_backward:
-                scaled.backward()
+                backward(scaled, k == last_trained)
             else:
                 pending.append(scaled)
             stats.loss_per_step.append(loss_k.item())
@@ -107,6 +115,6 @@ class DOPSDObjective:
             stats.loss += loss_k.item() / n_trained
             x = euler_step(x, v_s.detach().float(), s_k, s_next)
         if pending:
-            torch.stack(pending).sum().backward()
+            backward(torch.stack(pending).sum(), True)
         stats.final_x = x.detach()
         return stats

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from ..flow import noised
-from .dopsd import RolloutStats
+from .dopsd import BackwardFn, RolloutStats, plain_backward
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -22,7 +22,8 @@ class SFTObjective:
         self.weight = weight
 
     def __call__(self, student: VelocityFn, latents: Optional[torch.Tensor], noise: torch.Tensor,
-                 loss_scale: float = 1.0, generator: Optional[torch.Generator] = None) -> RolloutStats:
+                 loss_scale: float = 1.0, generator: Optional[torch.Generator] = None,
+                 backward: BackwardFn = plain_backward) -> RolloutStats:
         if latents is None:
             raise ValueError("objective.kind=sft needs target latents: cache features with --latents")
         idx = torch.randint(len(self.sigmas), (noise.shape[0],), generator=generator)
@@ -30,5 +31,5 @@ class SFTObjective:
         x = noised(latents, noise, sigma)
         v_s = student(x, sigma)
         loss = self.weight * torch.mean((v_s.float() - (noise - latents).float()) ** 2)
-        (loss * loss_scale).backward()
+        backward(loss * loss_scale, True)
         return RolloutStats(loss=loss.item(), loss_per_step=[loss.item()], gap_per_step=[None], student_forwards=1)
