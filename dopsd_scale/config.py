@@ -100,6 +100,24 @@ class ParallelConfig:
 
 
 @dataclass
+class RayConfig:
+    num_workers: int = 1
+    """Training workers (ranks), one per GPU; Ray places them across the cluster."""
+    use_gpu: bool = False
+    """Give every worker `gpus_per_worker` GPUs (NCCL); false runs CPU workers on gloo."""
+    gpus_per_worker: float = 1.0
+    """GPUs per worker when use_gpu."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker (data loading workers run inside it)."""
+    max_failures: int = 3
+    """Restarts of the worker group after a worker or node dies (-1: unlimited)."""
+    storage_path: Optional[str] = None
+    """Ray Train's storage (shared by all nodes); default `<run.output_dir>/ray`."""
+    name: Optional[str] = None
+    """Ray run name; default the run directory's name plus a timestamp (unique per submission)."""
+
+
+@dataclass
 class FaultConfig:
     rank: int = -1
     """Rank that fails (-1: no fault injection). For tests of recovery."""
@@ -192,6 +210,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -307,6 +326,8 @@ def validate(cfg: Config) -> None:
     _one_of(par.param_dtype, ("float32", "bfloat16", "float16"), "parallel.param_dtype")
     _one_of(par.reduce_dtype, ("float32", "bfloat16"), "parallel.reduce_dtype")
     _one_of(par.zero_stage, (2, 3), "parallel.zero_stage")
+    _require(cfg.ray.num_workers >= 1, "ray.num_workers", "must be >= 1")
+    _require(cfg.ray.max_failures >= -1, "ray.max_failures", "must be >= -1")
     _one_of(cfg.run.mixed_precision, ("auto", "bf16", "no"), "run.mixed_precision")
     if cfg.data.path is not None:
         _require(os.path.isdir(cfg.data.path), "data.path", f"directory not found: {cfg.data.path}")

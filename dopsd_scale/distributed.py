@@ -67,7 +67,9 @@ class RankPrefixFilter(logging.Filter):
         self.rank = rank
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = f"[rank {self.rank}] {record.msg}"
+        if not getattr(record, "rank_prefixed", False):  # several handlers see the same record
+            record.msg = f"[rank {self.rank}] {record.msg}"
+            record.rank_prefixed = True
         return True
 
 
@@ -76,6 +78,7 @@ def configure_rank_logging(info: DistInfo) -> None:
     root = logging.getLogger()
     if info.world_size > 1:
         for handler in root.handlers:
-            handler.addFilter(RankPrefixFilter(info.rank))
+            if not any(isinstance(f, RankPrefixFilter) for f in handler.filters):
+                handler.addFilter(RankPrefixFilter(info.rank))
         if not info.is_main:
             logging.getLogger("dopsd_scale").setLevel(logging.WARNING)
