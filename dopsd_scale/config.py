@@ -122,7 +122,7 @@ class FaultConfig:
     rank: int = -1
     """Rank that fails (-1: no fault injection). For tests of recovery."""
     step: int = 0
-    """The optimizer step at which it fails (once per run directory)."""
+    """The optimizer step (1-based) during which it fails (once per run directory)."""
     kind: str = "raise"
     """`raise` (an exception), `kill` (SIGKILL, as a lost node), `save` (raise mid-save) or `nan`."""
     count: int = 1

@@ -34,7 +34,7 @@ class FaultInjector:
         return True
 
     def maybe_fail(self, step: int) -> None:
-        """At the start of optimizer step `step`: raise, or die like a lost node."""
+        """Before optimizer step `step` (1-based) runs: raise, or die like a lost node."""
         if self._due(step, ("raise", "kill")):
             log.error("injected fault: rank %d %s at step %d", self.rank, self.cfg.kind, step)
             if self.cfg.kind == "kill":

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from .config import OptimConfig
+
+# A step skipped for a non-finite loss advances the schedule without an optimizer step, on purpose.
+warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:

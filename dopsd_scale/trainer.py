@@ -150,7 +150,7 @@ class Trainer:
         else:
             teacher = self._velocity_fn(self.teacher.module, batch.teacher)
             stats = self.objective(student, teacher, noise, generator=gen, backward=backward)
-        stats.loss = self.faults.maybe_poison(self.step, stats.loss)
+        stats.loss = self.faults.maybe_poison(self.step + 1, stats.loss)
         grad_norm = self.strategy.clip_grad_norm(self.cfg.optim.grad_clip or float("inf"))
         # every rank must take the same decision, so the flag is reduced
         bad = all_reduce_max([0.0 if torch.isfinite(torch.tensor([stats.loss, grad_norm])).all() else 1.0],
@@ -197,7 +197,7 @@ class Trainer:
                  cfg.model.path, self.step, cfg.run.max_steps, self.world_size, cfg.parallel.kind)
         with StopRequest() as stop:
             while self.step < cfg.run.max_steps:
-                self.faults.maybe_fail(self.step)
+                self.faults.maybe_fail(self.step + 1)
                 self._one_step()
                 if all_reduce_max([float(stop.requested)], self.device)[0]:
                     log.warning("stop requested (signal): saving a checkpoint at step %d and exiting", self.step)

@@ -31,14 +31,13 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
-import webdataset as wds
 from safetensors.torch import load as st_load
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..models.spec import Condition
 from .format import FeatureFormatError, FeatureSample, check_raw_sample, count_variants, pick_variant
 from .position import STATE_VERSION, Plan, elastic_plan, epoch_shards, same_layout, worker_share
-from .shards import ShardSet, resolve_shards, shard_name
+from .shards import ShardSet, iter_tar_samples, resolve_shards, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +69,16 @@ class Batch:
 
 
 def pad_features(feats: list[torch.Tensor]) -> Condition:
-    """Right-pad [L_i, D] features to [B, max L, D] with a boolean mask."""
+    """Right-pad [L_i, D] features to float32 [B, max L, D] with a boolean mask (one copy each)."""
     longest = max(f.shape[0] for f in feats)
-    out = feats[0].new_zeros(len(feats), longest, feats[0].shape[1])
+    out = torch.empty(len(feats), longest, feats[0].shape[1], dtype=torch.float32)
     mask = torch.zeros(len(feats), longest, dtype=torch.bool)
     for i, f in enumerate(feats):
-        out[i, : f.shape[0]] = f
-        mask[i, : f.shape[0]] = True
-    return Condition(feats=out.float(), mask=mask)
+        n = f.shape[0]
+        out[i, :n] = f  # converts to float32 while copying
+        out[i, n:] = 0
+        mask[i, :n] = True
+    return Condition(feats=out, mask=mask)
 
 
 def collate(samples: list[FeatureSample]) -> Batch:
@@ -169,21 +170,17 @@ class FeatureStream(IterableDataset):
         log.warning("skipping sample %s:%s: %s", shard, key, reason)
 
     def _read_shard(self, name: str) -> Iterator[_Ref]:
-        def on_error(err: Exception) -> bool:
-            self._skip(name, "?", f"unreadable tar data ({type(err).__name__}: {err})")
-            return True  # go on with the next shard
+        def on_error(err: Exception) -> None:
+            self._skip(name, "?", f"unreadable tar data, rest of the shard lost ({type(err).__name__}: {err})")
 
-        url = self.urls[name]
-        ds = wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None,
-                            empty_check=False, handler=on_error)
-        for raw in ds:
+        for raw in iter_tar_samples(self.urls[name], on_error):
             key = raw.get("__key__", "?")
             try:
                 meta, shapes = check_raw_sample(raw, self.feature_dim)
             except FeatureFormatError as err:
                 self._skip(name, key, str(err))
                 continue
-            yield _Ref(key, name, meta, bytes(raw["safetensors"]), count_variants(shapes))
+            yield _Ref(key, name, meta, raw["safetensors"], count_variants(shapes))
 
     def _samples(self, names: list[str], progress: _Progress) -> Iterator[_Ref]:
         for name in names:

@@ -1,0 +1,353 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3: the student is a DeepSpeed engine, checkpoints are DeepSpeed's own.
+
+The DeepSpeed config is generated from ours (`ds_config`): ZeRO stage, optimizer (and for stage 3
+parameter) offload to CPU, bf16, gradient clipping from `optim.grad_clip`, and
+`gradient_accumulation_steps = 1`: we never use the engine's data loader or micro-batch counting;
+the trainer says which backward is the last of an optimizer step instead.
+
+One optimizer step, as the trainer drives it:
+- `backward(loss, last)` x K: `engine.set_gradient_accumulation_boundary(last)` then
+  `engine.backward(loss, scale_wrt_gas=False)`. ZeRO-2/3 reduce-scatter each backward's gradients
+  into the rank's fp32 gradient partition and add them up there (sharded gradient memory); the
+  boundary backward hands the accumulated partition to the optimizer. With
+  `parallel.defer_grad_sync=true` the K backwards run inside `engine.coalesce_grad_reduction()`
+  instead: gradients stay unsharded and local until the last backward, which reduces once
+  (one collective per step, at the price of a full gradient copy per rank, like FSDP2's option).
+- `clip_grad_norm()` asks the ZeRO optimizer for the global norm of the accumulated gradient
+  partitions (the same function its `step()` uses; one scalar all-reduce). DeepSpeed clips by
+  itself in `step()` (`gradient_clipping` in its config), so the norm is computed twice per step;
+  both are cheap next to the K forward/backward passes. Its "invalid norm" sentinel (-1) comes
+  back as NaN, so the trainer skips the step.
+- `optimizer_step()` -> `engine.step()`. `zero_grad()` after a skipped step drops the pending
+  gradient partitions the way DeepSpeed drops them on an overflow.
+
+The learning rate: `self.optimizer` is the torch AdamW handed to DeepSpeed, which DeepSpeed's ZeRO
+optimizer wraps and steps on the fp32 master partitions; the trainer's LambdaLR writes its
+`param_groups[i]["lr"]`, which are the groups DeepSpeed's `step()` applies.
+
+The EMA teacher is sharded like the student:
+- ZeRO-2: a plain replicated copy (ZeRO-2 replicates the student's compute weights too);
+  `local_params` is every whole weight.
+- ZeRO-3: a second DeepSpeed engine without optimizer (DeepSpeed's parameter partitioning and
+  gather-on-forward); `local_params` is each parameter's partition `p.ds_tensor`, which has the
+  same layout for student and teacher, so the EMA runs shard by shard without a gather. The
+  teacher never keeps gathered ("persistent") weights between forwards, so a forward always sees
+  the latest EMA shards.
+The teacher stays in fp32 when the student computes in bf16, so an EMA with decay 0.9999 is not
+rounded away (bf16 keeps about 3 significant digits); its forward then runs in fp32.
+
+Checkpoints: `<ckpt>/deepspeed/state/` is `engine.save_checkpoint` (student, optimizer state and
+fp32 master partitions; exact resume on the same world size). The teacher goes beside it:
+`teacher.safetensors` (ZeRO-2, written by rank 0) or `teacher_shard_<rank>.safetensors` (ZeRO-3,
+each rank's partitions). `load_consolidated` rebuilds full fp32 weights of either on CPU, without
+a process group (DeepSpeed's zero-to-fp32 for the student).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import OptimConfig, ParallelConfig
+from ..distributed import DistInfo
+from .base import ParallelStrategy
+
+log = logging.getLogger(__name__)
+
+DS_DIR = "deepspeed"
+TAG = "state"
+TEACHER_FILE = "teacher.safetensors"
+TEACHER_SHARD = "teacher_shard_{:05d}.safetensors"
+SHARD_FORMAT = "dopsd-zero3-teacher-v1"
+COMM_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def ds_config(cfg: ParallelConfig, optim_cfg: OptimConfig, teacher: bool = False) -> dict:
+    """The DeepSpeed config dict of the student engine (or, `teacher=True`, of the ZeRO-3 teacher)."""
+    if cfg.zero_stage not in (2, 3):
+        raise ValueError(f"parallel.zero_stage={cfg.zero_stage}: DeepSpeed runs ZeRO stage 2 or 3")
+    if cfg.param_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"parallel.param_dtype={cfg.param_dtype!r}: DeepSpeed runs float32 or bfloat16 "
+                         "(float16 would need loss scaling)")
+    offload = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    zero: dict = {"stage": cfg.zero_stage, "contiguous_gradients": True, "overlap_comm": False}
+    if cfg.cpu_offload and cfg.zero_stage == 3:
+        zero["offload_param"] = dict(offload)
+    if teacher:
+        # gather-on-forward from the EMA shards every time: no weights kept gathered between forwards
+        zero.update(stage3_param_persistence_threshold=0, stage3_model_persistence_threshold=0)
+        return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                "zero_optimization": zero, "steps_per_print": 2**62, "wall_clock_breakdown": False}
+    if cfg.cpu_offload:
+        zero["offload_optimizer"] = dict(offload)
+    config = {
+        # we never use the engine's data loader: the batch size only feeds DeepSpeed's own counters
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": float(optim_cfg.grad_clip or 0.0),
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.param_dtype == "bfloat16"},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.param_dtype == "bfloat16":
+        # the K per-step gradients are summed in fp32, and reduced in parallel.reduce_dtype
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["communication_data_type"] = COMM_DTYPES[cfg.reduce_dtype]
+    return config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_process_group(info: DistInfo) -> None:
+    """DeepSpeed needs a process group; a single-process run gets a private one-rank group."""
+    if dist.is_initialized():
+        return
+    if info.world_size > 1:
+        raise RuntimeError("parallel.kind=deepspeed on several ranks needs the process group up first")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+
+
+def _state_keys(module: nn.Module) -> tuple[list[str], list[str]]:
+    """(parameter names, persistent buffer names) in state_dict order."""
+    params = dict(module.named_parameters(remove_duplicate=False))
+    keys = list(module.state_dict().keys())
+    return [k for k in keys if k in params], [k for k in keys if k not in params]
+
+
+class DeepSpeedStrategy(ParallelStrategy):
+    name = "deepspeed"
+
+    def __init__(self, cfg: ParallelConfig, info: DistInfo, device: torch.device):
+        super().__init__(cfg, info, device)
+        if cfg.zero_stage not in (2, 3):
+            raise ValueError(f"parallel.zero_stage={cfg.zero_stage}: DeepSpeed runs ZeRO stage 2 or 3")
+        self.stage = cfg.zero_stage
+        self.engine = None
+        self._pending = False  # gradients accumulated since the last optimizer step
+        self._coalesce = None  # the open coalesce_grad_reduction() context (defer_grad_sync)
+        self._clip = 0.0
+
+    # ---- set-up ------------------------------------------------------------------------------
+    def setup(self, model: nn.Module, teacher: Optional[nn.Module], units: list[nn.Module],
+              optim_cfg: OptimConfig) -> None:
+        import deepspeed
+
+        from ..optim import build_optimizer
+
+        _ensure_process_group(self.info)
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        optimizer = build_optimizer(model, optim_cfg)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                    config=ds_config(self.cfg, optim_cfg))
+        self._clip = float(optim_cfg.grad_clip or 0.0)
+        # The engine is called like the module (spec.velocity reads its parameters' dtype).
+        self.model = self.engine
+        # DeepSpeed's ZeRO optimizer steps this AdamW on the fp32 master partitions: its
+        # param_groups carry the LR that the trainer's schedule sets.
+        self.optimizer = optimizer
+        if teacher is None:
+            self.teacher = None
+        elif self.stage == 3:
+            self.teacher, _, _, _ = deepspeed.initialize(model=teacher.requires_grad_(False),
+                                                         config=ds_config(self.cfg, optim_cfg, teacher=True))
+            self.teacher.eval()
+        else:
+            self.teacher = teacher.to(self.device)
+        log.info("DeepSpeed ZeRO-%d: %s, cpu_offload=%s, teacher=%s", self.stage, self.cfg.param_dtype,
+                 self.cfg.cpu_offload, "none" if teacher is None else ("partitioned" if self.stage == 3 else "replicated"))
+
+    def unwrapped(self) -> nn.Module:
+        return self.engine.module
+
+    # ---- one optimizer step ------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        engine = self.engine
+        if self.cfg.defer_grad_sync:
+            if self._coalesce is None:
+                self._coalesce = engine.coalesce_grad_reduction()
+                self._coalesce.__enter__()
+            engine.backward(loss, scale_wrt_gas=False)
+            if last:
+                coalesce, self._coalesce = self._coalesce, None
+                coalesce.__exit__(None, None, None)  # the one reduction of this step
+        else:
+            engine.set_gradient_accumulation_boundary(last)
+            engine.backward(loss, scale_wrt_gas=False)
+        self._pending = True
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """The global norm of the accumulated gradients (DeepSpeed clips to it in `step()`)."""
+        if max_norm != (self._clip or float("inf")):
+            raise ValueError(f"DeepSpeed clips to optim.grad_clip={self._clip} (its config), not {max_norm}")
+        from deepspeed.runtime.utils import combine_grad_norm_groups
+
+        opt = self.engine.optimizer
+        if self.stage == 3:
+            norm = combine_grad_norm_groups(opt._get_norm_groups())
+        else:
+            norm = opt.scaled_global_norm()
+        norm = float(norm)
+        # DeepSpeed reports an inf/NaN norm as -1
+        return float("nan") if norm < 0 else norm / float(opt.loss_scale)
+
+    def optimizer_step(self) -> None:
+        self.engine.step()
+        self._pending = False
+
+    def zero_grad(self) -> None:
+        """DeepSpeed clears gradients in `step()`; after a skipped step, drop what is pending."""
+        if self._coalesce is not None:  # a step abandoned between its backwards
+            coalesce, self._coalesce = self._coalesce, None
+            coalesce.__exit__(None, None, None)
+        if not self._pending:
+            return
+        opt = self.engine.optimizer
+        if self.stage == 3:
+            opt._overflow_clean_up(opt.loss_scale)  # zero_grad (micro step 0) and drop the partitions
+        else:
+            from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+            opt.zero_grad(set_to_none=True)
+            opt._release_preflattened_grad_buffers()
+            if opt.cpu_offload:
+                opt.reset_cpu_buffers()
+            else:
+                for k in opt.averaged_gradients.keys():
+                    opt.averaged_gradients[k] = None
+                    opt.all_grad_tensors[k] = None
+            opt.micro_step_id = INITIAL_MICRO_STEP_ID
+        self._pending = False
+
+    # ---- teacher -------------------------------------------------------------------------------
+    def local_params(self, module: nn.Module) -> list[torch.Tensor]:
+        if self.stage == 3:
+            return [p.ds_tensor.data for p in module.parameters()]
+        return [p.data for p in module.parameters()]
+
+    # ---- state ---------------------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        self.engine.save_checkpoint(str(directory / DS_DIR), tag=TAG)
+        if self.teacher is not None:
+            self._save_teacher(directory)
+        dist.barrier()
+
+    def _save_teacher(self, directory: Path) -> None:
+        if self.stage == 2:
+            if self.info.is_main:
+                state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
+                         for k, v in self.teacher.state_dict().items()}
+                save_file(state, str(directory / TEACHER_FILE))
+            return
+        module = self.teacher.module
+        params, buffers = _state_keys(module)
+        named = dict(module.named_parameters(remove_duplicate=False))
+        tensors = {f"param/{k}": named[k].ds_tensor.detach().cpu().clone() for k in params}
+        if self.info.is_main:
+            state = module.state_dict()
+            tensors.update({f"buffer/{k}": state[k].detach().cpu().clone() for k in buffers})
+        meta = {"format": SHARD_FORMAT, "world_size": str(dist.get_world_size()), "rank": str(dist.get_rank()),
+                "shapes": json.dumps({k: list(named[k].ds_shape) for k in params})}
+        save_file(tensors, str(directory / TEACHER_SHARD.format(dist.get_rank())), metadata=meta)
+
+    def load(self, directory: Path) -> None:
+        directory = Path(directory)
+        saved = _saved_world_size(directory)
+        if saved != dist.get_world_size():
+            raise ValueError(f"{directory}: a DeepSpeed checkpoint of {saved} rank(s) resumes on the same world size "
+                             f"only (now {dist.get_world_size()}); export it (dopsd export) or convert it with "
+                             "DeepSpeed's universal checkpoint tools to change the world size")
+        load_path, _ = self.engine.load_checkpoint(str(directory / DS_DIR), tag=TAG, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        if load_path is None:
+            raise FileNotFoundError(f"{directory / DS_DIR}: DeepSpeed found no checkpoint to load")
+        if self.teacher is not None:
+            self._load_teacher(directory)
+        self._pending = False
+
+    @torch.no_grad()
+    def _load_teacher(self, directory: Path) -> None:
+        if self.stage == 2:
+            self.teacher.load_state_dict(load_file(str(directory / TEACHER_FILE), device=str(self.device)))
+            return
+        module = self.teacher.module
+        shard = load_file(str(directory / TEACHER_SHARD.format(dist.get_rank())))
+        for name, p in module.named_parameters():
+            p.ds_tensor.data.copy_(shard[f"param/{name}"])
+        buffers = dict(module.named_buffers())
+        for key, value in load_file(str(directory / TEACHER_SHARD.format(0))).items():
+            if key.startswith("buffer/") and key[7:] in buffers:
+                buffers[key[7:]].copy_(value)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The student's fp32 master weights, gathered one parameter at a time (collective)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.engine.module
+        params, buffers = _state_keys(module)
+        named = dict(module.named_parameters(remove_duplicate=False))
+        out: dict[str, torch.Tensor] = {}
+        for key in params:
+            full = safe_get_full_fp32_param(named[key])
+            if self.info.is_main:
+                out[key] = full.detach().to("cpu", torch.float32).clone()
+        if self.info.is_main:
+            state = module.state_dict()
+            out.update({k: state[k].detach().cpu().clone() for k in buffers})
+        return out
+
+
+# ---- offline (no process group, no accelerator) -----------------------------------------------
+def _saved_world_size(checkpoint_dir: Path) -> int:
+    return len(list((Path(checkpoint_dir) / DS_DIR / TAG).glob("*optim_states.pt")))
+
+
+def load_consolidated(checkpoint_dir: Path, which: str = "student") -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a DeepSpeed checkpoint's student or teacher, on CPU, in one process."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if which == "student":
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir / DS_DIR), tag=TAG)
+        return {k: v.detach().cpu().float().contiguous() if v.is_floating_point() else v.cpu()
+                for k, v in state.items()}
+    if which != "teacher":
+        raise ValueError(f"which={which!r}: expected student or teacher")
+    if (checkpoint_dir / TEACHER_FILE).is_file():
+        return load_file(str(checkpoint_dir / TEACHER_FILE))
+    shards = sorted(checkpoint_dir.glob("teacher_shard_*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{checkpoint_dir}: no teacher weights (the run's teacher.kind is live?)")
+    with safe_open(str(shards[0]), "pt") as f:
+        meta = f.metadata()
+    if meta.get("format") != SHARD_FORMAT or int(meta["world_size"]) != len(shards):
+        raise ValueError(f"{checkpoint_dir}: expected {meta.get('world_size')} teacher shards "
+                         f"of format {SHARD_FORMAT}, found {len(shards)}")
+    shapes = json.loads(meta["shapes"])
+    parts = [load_file(str(s)) for s in shards]
+    state: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        flat = torch.cat([p[f"param/{name}"].reshape(-1) for p in parts])
+        state[name] = flat[: torch.Size(shape).numel()].reshape(shape).float().contiguous()
+    state.update({k[7:]: v for k, v in parts[0].items() if k.startswith("buffer/")})
+    return state
