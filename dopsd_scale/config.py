@@ -33,14 +33,17 @@ class ModelConfig:
     """Dtype of the master weights (`float32` or `bfloat16`); compute may still autocast."""
     gradient_checkpointing: bool = False
     """Recompute block activations in the backward pass (memory for compute)."""
-    attention_backend: str = "native"
-    """diffusers attention backend for the DiT (`native`, `_native_flash`, `_native_math`, ...)."""
+    attention_backend: str = "auto"
+    """`auto` (triton on CUDA, sdpa elsewhere), `sdpa`, `triton` (our kernels) or `flash_attn`."""
 
 
 @dataclass
 class DataConfig:
     path: Optional[str] = None
-    """Feature shards: a directory holding *.tar and manifest.json."""
+    """Feature shards: a directory holding *.tar and manifest.json, a glob or brace pattern
+    (`feats/features-{000000..000127}.tar`), or a `pipe:` command per shard for object stores."""
+    manifest: Optional[str] = None
+    """The shards' manifest.json; default: the one in / beside `path` (required for `pipe:`)."""
     batch_size: int = 1
     """Samples per rank and optimizer step. A batch always comes from one aspect bucket."""
     num_workers: int = 0
@@ -289,6 +292,7 @@ def validate(cfg: Config) -> None:
     _require(bool(m.path), "model.path", "missing: set it to a diffusers model directory")
     _require(os.path.isdir(m.path), "model.path", f"directory not found: {m.path}")
     _one_of(m.dtype, ("float32", "bfloat16"), "model.dtype")
+    _one_of(m.attention_backend, ("auto", "sdpa", "triton", "flash_attn"), "model.attention_backend")
     _require(cfg.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {cfg.data.batch_size}")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
@@ -329,7 +333,11 @@ def validate(cfg: Config) -> None:
     _require(cfg.ray.num_workers >= 1, "ray.num_workers", "must be >= 1")
     _require(cfg.ray.max_failures >= -1, "ray.max_failures", "must be >= -1")
     _one_of(cfg.run.mixed_precision, ("auto", "bf16", "no"), "run.mixed_precision")
-    if cfg.data.path is not None:
-        _require(os.path.isdir(cfg.data.path), "data.path", f"directory not found: {cfg.data.path}")
-    else:
+    if cfg.data.path is None:
         _require(False, "data.path", "missing: set it to a directory of feature shards")
+    elif cfg.data.path.startswith("pipe:"):
+        _require(bool(cfg.data.manifest), "data.manifest", "missing: a pipe: data.path needs the manifest.json path")
+    elif not any(c in cfg.data.path for c in "*?[{"):
+        _require(os.path.isdir(cfg.data.path), "data.path", f"directory not found: {cfg.data.path}")
+    if cfg.data.manifest is not None:
+        _require(os.path.isfile(cfg.data.manifest), "data.manifest", f"file not found: {cfg.data.manifest}")

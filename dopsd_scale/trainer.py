@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from .attention import apply_attention_backend, resolve_backend
 from .checkpoint import Checkpointer
 from .config import Config, DataConfig, ModelConfig, ObjectiveConfig, RunConfig, save_config, to_dict
 from .data.format import Manifest
@@ -58,8 +59,7 @@ def build_autocast(cfg: RunConfig, device: torch.device) -> contextlib.AbstractC
 def build_model(spec: ModelSpec, cfg: ModelConfig, device: torch.device) -> nn.Module:
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     model = spec.load_transformer(dtype).to(device)
-    if cfg.attention_backend != "native" and hasattr(model, "set_attention_backend"):
-        model.set_attention_backend(cfg.attention_backend)
+    apply_attention_backend(model, resolve_backend(cfg.attention_backend, device))
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model.train()

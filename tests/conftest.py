@@ -6,6 +6,12 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU the Triton kernels run in the interpreter, which must be chosen before triton
+# is first imported (some tests build models with the triton attention backend).
+import torch  # noqa: E402  (does not import triton)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path
 
@@ -64,3 +70,31 @@ def make_config(tmp_path, debug_models, features):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def write_feature_shards(out: Path, num_shards: int = 8, per_shard: int = 5, dim: int = 8, variants: int = 1,
+                         buckets=((32, 32), (32, 48)), seed: int = 0) -> Path:
+    """Small random feature shards + manifest, no encoders (for reader tests): sample i of the
+    whole set has key f"{i:06d}", bucket buckets[i % len(buckets)], student length 1 + i % 5."""
+    import webdataset as wds
+
+    from dopsd_scale.data.format import FeatureSample, Manifest, encode_sample, variant_name
+
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    manifest = Manifest(producer={"kind": "features", "feature_dim": dim, "synthetic": True})
+    for s in range(num_shards):
+        name = f"features-{s:06d}.tar"
+        with wds.TarWriter(str(out / name)) as sink:
+            for j in range(per_shard):
+                i = s * per_shard + j
+                tensors = {}
+                for v in range(variants):
+                    tensors[variant_name("student", v)] = torch.full((1 + i % 5, dim), float(v)) + torch.randn(1 + i % 5, dim, generator=gen)
+                    tensors[variant_name("teacher", v)] = torch.full((2 + i % 3, dim), float(v))
+                meta = {"caption": f"c{i}", "captions": [f"c{i}/{v}" for v in range(variants)],
+                        "bucket": list(buckets[i % len(buckets)])}
+                sink.write(encode_sample(FeatureSample(f"{i:06d}", meta, tensors), torch.float32))
+        manifest.shards[name] = per_shard
+    manifest.save(out)
+    return out
