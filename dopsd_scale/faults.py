@@ -55,18 +55,40 @@ class FaultInjector:
 
 
 
+STOP_FILE = "control/stop"
+
+
+def request_stop(run_dir: str | Path) -> Path:
+    """Ask a running trainer (all of its ranks, on any node) to checkpoint and stop."""
+    path = Path(run_dir) / STOP_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    return path
+
+
 class StopRequest:
-    """Turns SIGTERM/SIGINT into a flag the loop polls: save, then exit cleanly."""
+    """Turns SIGTERM/SIGINT/SIGUSR1, or a stop file in the run directory, into a flag the loop
+    polls: save, then exit cleanly. The file reaches ranks whose process got no signal (a Ray
+    driver stopped by `ray job stop` writes it; see launch/ray_train.py)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, run_dir: str | Path):
+        self.signalled = False
+        self.stop_file = Path(run_dir) / STOP_FILE
         self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signalled or self.stop_file.exists()
+
+    def clear(self) -> None:
+        """Remove the stop file once honoured, so that the resumed run does not stop at once."""
+        self.stop_file.unlink(missing_ok=True)
 
     def _handle(self, signum, frame) -> None:
         log.warning("received signal %d: will checkpoint and stop after this step", signum)
-        self.requested = True
+        self.signalled = True
 
     def __enter__(self) -> "StopRequest":
         try:

@@ -195,13 +195,15 @@ class Trainer:
         self.resume()
         log.info("training %s from %s: steps %d..%d on %d rank(s), parallel=%s", cfg.model.name,
                  cfg.model.path, self.step, cfg.run.max_steps, self.world_size, cfg.parallel.kind)
-        with StopRequest() as stop:
+        with StopRequest(self.run_dir) as stop:
             while self.step < cfg.run.max_steps:
                 self.faults.maybe_fail(self.step + 1)
                 self._one_step()
                 if all_reduce_max([float(stop.requested)], self.device)[0]:
-                    log.warning("stop requested (signal): saving a checkpoint at step %d and exiting", self.step)
+                    log.warning("stop requested: saving a checkpoint at step %d and exiting", self.step)
                     self.save()
+                    if self.info.is_main:
+                        stop.clear()
                     self.metrics.close()
                     return
         self.finish()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from dopsd_scale.config import Config, ConfigError, config_from_dict, load_config, to_dict
+from dopsd_scale.faults import request_stop
 
 log = logging.getLogger("dopsd.ray")
 
@@ -74,6 +76,21 @@ def connect(address: str | None) -> None:
         ray.init(address="local", object_store_memory=256 * 2**20, include_dashboard=False)
 
 
+def forward_stop_signals(run_dir: str) -> None:
+    """`ray job stop` (SIGTERM) or Ctrl-C on the driver: ask the workers to checkpoint and stop.
+
+    The workers see a stop file in the shared run directory; the driver keeps waiting for them
+    (give the job a stop grace period: RAY_JOB_STOP_WAIT_TIME_S in launch/ray_runtime_env.yaml).
+    """
+
+    def handle(signum, frame):
+        path = request_stop(run_dir)
+        log.warning("signal %d: asked the trainer to checkpoint and stop (%s)", signum, path)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handle)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -87,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ray_train: error: {err}", file=sys.stderr)
         return 2
     connect(args.address)
+    forward_stop_signals(cfg.run.output_dir)
     result = build_trainer(cfg).fit()
     if result.error is not None:
         log.error("training failed: %s", result.error)
         return 1
-    log.info("training finished: %s", result.metrics)
+    log.info("training finished; Ray run stored in %s", result.path)
     return 0
 
 

@@ -24,7 +24,6 @@ import glob
 import hashlib
 import json
 import struct
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -85,7 +84,8 @@ def pick_variant(seed: int, epoch: int, key: str, count: int) -> int:
     """The caption variant a sample shows in an epoch: stable across runs, processes and layouts."""
     if count <= 1:
         return 0
-    return zlib.crc32(f"{seed}/{epoch}/{key}".encode("utf-8")) % count
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % count  # (not crc32: linear, its parity ignores the epoch)
 
 
 def encode_sample(sample: FeatureSample, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:

@@ -72,7 +72,9 @@ def worker_share(consumed: int, worker: int, num_workers: int) -> int:
 
 
 def same_layout(state: dict, current: dict) -> bool:
-    keys = ("world_size", "num_workers", "seed", "batch_size", "shards_digest")
+    """Whether `state` can be resumed exactly (a first-version state has no shard digest: its
+    stream was the same function of the layout, so it is compared without one)."""
+    keys = ("world_size", "num_workers", "seed", "batch_size") + (("shards_digest",) if "version" in state else ())
     return all(state.get(k) == current.get(k) for k in keys)
 
 

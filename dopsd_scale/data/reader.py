@@ -322,7 +322,7 @@ class FeatureLoader:
         mine = next((s for s in states if int(s.get("rank", 0)) == self.stream.rank), states[0])
         self._iter = None
         self.positions = {}
-        if same_layout(mine, current):
+        if same_layout(mine, current) and int(mine.get("rank", 0)) == self.stream.rank:
             self.consumed = int(mine["consumed_batches"])
             self.stream.plan = Plan.from_json(mine.get("plan"))
             self.positions = {int(w): p for w, p in (mine.get("workers") or {}).items()}

@@ -109,7 +109,8 @@ def iter_tar_samples(url: str, on_error: Callable[[Exception], None]) -> Iterato
     Local files are read with random access (tarfile skips through the file: about the speed
     of a raw read, several times faster than a stream); `pipe:` and other URLs are streamed
     through `webdataset.gopen`. A tar that cannot be read further calls `on_error` and ends the
-    shard; members are grouped into samples by key as WebDataset does.
+    shard; members are grouped into samples by key as WebDataset does. (tarfile stops quietly
+    at a bad header after the first one, so a local file's end-of-archive block is checked too.)
     """
     local = not url.startswith("pipe:") and "://" not in url
     stream = None
@@ -130,8 +131,20 @@ def iter_tar_samples(url: str, on_error: Callable[[Exception], None]) -> Iterato
                 sample[ext] = tar.extractfile(member).read()
             if sample:
                 yield sample
+            if local:
+                _check_end_of_archive(url, tar.offset)
     except (tarfile.TarError, OSError, EOFError) as err:
         on_error(err)
     finally:
         if not local and stream is not None:
             stream.close()
+
+
+def _check_end_of_archive(path: str, offset: int) -> None:
+    """tarfile ends iteration at the first header it cannot parse: make that an error unless it
+    is the end-of-archive block (a truncated or overwritten tar would lose samples silently)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        block = f.read(512)
+    if block != b"\0" * 512:
+        raise tarfile.ReadError(f"no valid tar header at byte {offset} (truncated or corrupt file)")

@@ -72,15 +72,23 @@ SHARD_FORMAT = "dopsd-zero3-teacher-v1"
 COMM_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def ds_config(cfg: ParallelConfig, optim_cfg: OptimConfig, teacher: bool = False) -> dict:
-    """The DeepSpeed config dict of the student engine (or, `teacher=True`, of the ZeRO-3 teacher)."""
+def ds_config(cfg: ParallelConfig, optim_cfg: OptimConfig, num_params: int, teacher: bool = False) -> dict:
+    """The DeepSpeed config dict of the student engine (or, `teacher=True`, of the ZeRO-3 teacher).
+
+    Bucket sizes are DeepSpeed's defaults (5e8 elements), capped at the model's size: DeepSpeed
+    allocates whole buckets, which costs seconds per step on a small model.
+    """
     if cfg.zero_stage not in (2, 3):
         raise ValueError(f"parallel.zero_stage={cfg.zero_stage}: DeepSpeed runs ZeRO stage 2 or 3")
     if cfg.param_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"parallel.param_dtype={cfg.param_dtype!r}: DeepSpeed runs float32 or bfloat16 "
                          "(float16 would need loss scaling)")
     offload = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    zero: dict = {"stage": cfg.zero_stage, "contiguous_gradients": True, "overlap_comm": False}
+    bucket = int(min(5e8, max(num_params, 1)))
+    zero: dict = {"stage": cfg.zero_stage, "contiguous_gradients": True, "overlap_comm": False,
+                  "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    if cfg.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=int(min(5e7, bucket)), stage3_max_live_parameters=int(min(1e9, bucket)))
     if cfg.cpu_offload and cfg.zero_stage == 3:
         zero["offload_param"] = dict(offload)
     if teacher:
@@ -121,8 +129,12 @@ def _ensure_process_group(info: DistInfo) -> None:
         return
     if info.world_size > 1:
         raise RuntimeError("parallel.kind=deepspeed on several ranks needs the process group up first")
+    # DeepSpeed reads the launcher's variables even for one rank
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(_free_port()))):
+        os.environ.setdefault(key, value)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group(backend, init_method="env://", rank=0, world_size=1)
 
 
 def _state_keys(module: nn.Module) -> tuple[list[str], list[str]]:
@@ -155,8 +167,9 @@ class DeepSpeedStrategy(ParallelStrategy):
         _ensure_process_group(self.info)
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         optimizer = build_optimizer(model, optim_cfg)
+        num_params = sum(p.numel() for p in model.parameters())
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                    config=ds_config(self.cfg, optim_cfg))
+                                                    config=ds_config(self.cfg, optim_cfg, num_params))
         self._clip = float(optim_cfg.grad_clip or 0.0)
         # The engine is called like the module (spec.velocity reads its parameters' dtype).
         self.model = self.engine
@@ -167,7 +180,7 @@ class DeepSpeedStrategy(ParallelStrategy):
             self.teacher = None
         elif self.stage == 3:
             self.teacher, _, _, _ = deepspeed.initialize(model=teacher.requires_grad_(False),
-                                                         config=ds_config(self.cfg, optim_cfg, teacher=True))
+                                                         config=ds_config(self.cfg, optim_cfg, num_params, teacher=True))
             self.teacher.eval()
         else:
             self.teacher = teacher.to(self.device)
