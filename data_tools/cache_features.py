@@ -1,66 +1,62 @@
-"""`dopsd cache-features`: image-text pairs -> feature shards (single process).
+"""`dopsd cache-features`: image shards (or a folder of pairs) -> feature shards.
 
-Reads a folder of `<key>.<image>` + `<key>.txt` pairs, assigns each image an aspect bucket,
-runs the student prompt encoder and the teacher context builder (and optionally the VAE for
-target latents), and writes WebDataset feature shards plus `manifest.json`, a report of skipped
-samples and `val_prompts.safetensors`. Shards are written to a temporary name and recorded in
-the manifest when complete, so a rerun skips finished shards; a directory whose manifest was
-produced differently is refused.
+Input: image shards from `make-shards` (a directory, glob or brace pattern, or `pipe:` specs
+with `--input-manifest`), or a plain folder of `<key>.<image>` + `<key>.txt` pairs. Each input
+shard becomes one feature shard `features-<i>.tar` (i = its position in the input list; the
+manifest's `sources` names the image shard), written by one task: in this process, or spread
+over Ray actors, one per GPU (see `ray_pool.py`). Every caption variant is encoded (see
+`dopsd_scale.data.format`). The driver alone writes the manifest, after each finished shard,
+and `journal.jsonl` (each finished shard's report rows): a rerun resumes at the first unfinished
+shard and never recomputes a finished one; a directory whose manifest was produced by other
+encoders, settings or inputs is refused. A shard that keeps failing is retried, then reported
+(the run goes on with the others and exits non-zero). `report.jsonl` lists every skipped sample
+and failed shard with its key and reason; `summary.json` holds the counts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Optional
 
-import torch
-import webdataset as wds
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from dopsd_scale.data.format import (
-    DTYPES,
-    FORMAT_VERSION,
-    MANIFEST,
-    VAL_PROMPTS,
-    FeatureSample,
-    Manifest,
-    encode_sample,
-    hash_model_dir,
-    save_val_prompts,
-)
-from dopsd_scale.encoders.text import PromptEncoder
-from dopsd_scale.encoders.vlm import VLMTeacherContext
+from dopsd_scale.data.format import MANIFEST, VAL_PROMPTS, Manifest
+from dopsd_scale.data.shards import resolve_shards, shard_name
+
+from .common import ManifestMismatch, check_or_create_manifest, format_counts, reason_counts, write_report
+from .images import assign_bucket  # noqa: F401  (re-exported for callers of the first version)
+from .ray_pool import make_pool
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-TOOL_VERSION = "0.1.0"
+JOURNAL = "journal.jsonl"
 DEFAULT_VAL_PROMPTS = [
     "a red circle on a blue background",
     "a yellow triangle on a black background",
     "a green square on a white background",
     "a purple circle on an orange background",
 ]
-
-
-class ManifestMismatch(RuntimeError):
-    pass
+__all__ = ["CacheOptions", "ManifestMismatch", "assign_bucket", "cache_features", "find_pairs"]
 
 
 @dataclass
 class CacheOptions:
     input_dir: str
+    """Image shards (directory, glob, brace or pipe: spec) or a folder of pairs."""
     output_dir: str
     pipeline: str
     """Diffusers pipeline directory: tokenizer, text_encoder (and vae for --latents)."""
     teacher_vlm: str
     """Qwen3-VL directory; its language model is replaced by the pipeline's text encoder."""
-    buckets: list[tuple[int, int]] = field(default_factory=lambda: [(1024, 1024)])
+    buckets: list[tuple[int, int]] = field(default_factory=list)
+    """(H, W) buckets; empty: the image shards' own list (1024x1024 for a folder of pairs)."""
     shard_size: int = 256
+    """Pairs per feature shard for folder input (image shards map one to one)."""
     dtype: str = "bfloat16"
     latents: bool = False
     device: str = "cpu"
@@ -70,9 +66,19 @@ class CacheOptions:
     vlm_min_pixels: int = 512 * 512
     vlm_max_pixels: int = 768 * 768
     val_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_VAL_PROMPTS))
+    input_manifest: Optional[str] = None
+    """The image shards' manifest.json when the input is a pipe: spec."""
+    actors: int = 0
+    """Ray actors (one GPU each on cuda); 0 = run in this process unless `ray_address` is given."""
+    ray_address: Optional[str] = None
+    """Ray cluster to join (`auto`, `host:port`); none = a private local cluster when actors > 0."""
+    retries: int = 2
+    """Extra tries of a failing shard before it is reported as failed."""
+    threads: int = 0
+    """torch threads per worker (0 = torch's default)."""
 
 
-# ---- inputs ---------------------------------------------------------------------------------
+# ---- inputs -------------------------------------------------------------------------------------
 def find_pairs(input_dir: str | Path, report: list[dict]) -> list[tuple[str, Path, str]]:
     """(key, image path, caption) for every complete pair, sorted by key; others go to `report`."""
     root = Path(input_dir)
@@ -81,164 +87,111 @@ def find_pairs(input_dir: str | Path, report: list[dict]) -> list[tuple[str, Pat
     pairs = []
     for image in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         key, caption_file = image.stem, image.with_suffix(".txt")
+        reason = None
         try:
             caption = caption_file.read_text(encoding="utf-8").strip()
+            reason = None if caption else "empty caption"
         except FileNotFoundError:
-            report.append({"key": key, "file": str(image), "reason": "missing caption file"})
-            continue
+            reason = "missing caption file"
         except UnicodeDecodeError:
-            report.append({"key": key, "file": str(caption_file), "reason": "caption is not UTF-8"})
-            continue
-        if not caption:
-            report.append({"key": key, "file": str(caption_file), "reason": "empty caption"})
-            continue
-        pairs.append((key, image, caption))
+            reason = "caption is not UTF-8"
+        if reason:
+            report.append({"key": key, "source": image.name, "action": "skipped", "reason": reason})
+        else:
+            pairs.append((key, str(image), caption))
     return pairs
 
 
-def assign_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
-    """The (H, W) bucket whose aspect ratio is closest in log space."""
-    ratio = math.log(width / height)
-    return min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - ratio))
+def is_image_shards(spec: str) -> bool:
+    path = Path(spec)
+    return not path.is_dir() or (path / MANIFEST).is_file()
 
 
-def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
-    """Resize to cover the bucket, then centre-crop to it."""
-    h, w = bucket
-    scale = max(w / image.width, h / image.height)
-    resized = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))), Image.BICUBIC)
-    left, top = (resized.width - w) // 2, (resized.height - h) // 2
-    return resized.crop((left, top, left + w, top + h))
+def plan_tasks(opts: CacheOptions, report: list[dict]) -> tuple[list[dict], dict, list[tuple[int, int]]]:
+    """(tasks, description of the input for the manifest, buckets)."""
+    if is_image_shards(opts.input_dir):
+        shards = resolve_shards(opts.input_dir, opts.input_manifest)
+        if shards.manifest.kind != "image-shards":
+            raise ValueError(f"{opts.input_dir}: not image shards (manifest kind {shards.manifest.kind!r})")
+        buckets = opts.buckets or [tuple(b) for b in shards.manifest.producer["buckets"]]
+        tasks = [{"name": f"features-{i:06d}.tar", "source": url} for i, url in enumerate(shards.urls)]
+        digest = shards.digest() + shards.manifest.producer.get("listing_sha256", "")
+        return tasks, {"kind": "image-shards", "shards": len(tasks), "sha256": digest}, buckets
+    pairs = find_pairs(opts.input_dir, report)
+    tasks = [{"name": f"features-{i:06d}.tar", "pairs": pairs[s : s + opts.shard_size]}
+             for i, s in enumerate(range(0, len(pairs), opts.shard_size))]
+    digest = hashlib.sha256(json.dumps([(k, Path(p).name, c) for k, p, c in pairs]).encode()).hexdigest()
+    return tasks, {"kind": "folder", "pairs": len(pairs), "sha256": digest}, buckets_or_default(opts.buckets)
 
 
-def load_image(path: Path) -> Image.Image:
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB")
+def buckets_or_default(buckets: list) -> list[tuple[int, int]]:
+    return [tuple(b) for b in buckets] or [(1024, 1024)]
 
 
-# ---- encoders -------------------------------------------------------------------------------
-class Encoders:
-    def __init__(self, opts: CacheOptions):
-        self.prompt = PromptEncoder.from_pipeline(opts.pipeline, device=opts.device, max_length=opts.text_max_length)
-        self.teacher = VLMTeacherContext.from_pretrained(
-            opts.teacher_vlm,
-            text_encoder=self.prompt.model,
-            text_tokenizer=self.prompt.tokenizer,
-            device=opts.device,
-            max_tokens=opts.vlm_max_tokens,
-            min_pixels=opts.vlm_min_pixels,
-            max_pixels=opts.vlm_max_pixels,
-        )
-        self.vae = None
-        if opts.latents:
-            from diffusers import AutoencoderKL
-
-            self.vae = AutoencoderKL.from_pretrained(str(Path(opts.pipeline) / "vae")).to(opts.device).eval()
-
-    @torch.no_grad()
-    def target_latents(self, images: list[Image.Image]) -> torch.Tensor:
-        import numpy as np
-
-        pixels = torch.stack([torch.from_numpy(np.asarray(i, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for i in images])
-        dist = self.vae.encode(pixels.to(self.vae.device)).latent_dist
-        cfg = self.vae.config
-        return ((dist.mode() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor).float().cpu()
-
-
-def producer_info(opts: CacheOptions, enc: Encoders) -> dict:
-    """Everything that changes the features; a directory holds features of one producer only."""
-    return {
-        "tool_version": TOOL_VERSION,
-        "format_version": FORMAT_VERSION,
-        "student_encoder": {"path": str(Path(opts.pipeline).resolve().name), **enc.prompt.describe(),
-                            "hashes": hash_model_dir(Path(opts.pipeline) / "text_encoder")},
-        "teacher_context": {"kind": "vlm", "path": str(Path(opts.teacher_vlm).resolve().name),
-                            **enc.teacher.describe(), "hashes": hash_model_dir(opts.teacher_vlm)},
-        "latents": opts.latents,
-        "buckets": [list(b) for b in opts.buckets],
-        "dtype": opts.dtype,
-        "feature_dim": enc.prompt.dim,
-        "shard_size": opts.shard_size,
-    }
-
-
-def check_or_create_manifest(out: Path, producer: dict) -> Manifest:
-    if (out / MANIFEST).is_file():
-        existing = Manifest.load(out)
-        if existing.producer != producer:
-            diff = sorted(k for k in set(existing.producer) | set(producer)
-                          if existing.producer.get(k) != producer.get(k))
-            raise ManifestMismatch(
-                f"{out / MANIFEST}: features here were produced differently (differs in: {', '.join(diff)}); "
-                "use another output directory"
-            )
-        return existing
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(producer=producer)
-    manifest.save(out)
-    return manifest
-
-
-# ---- the tool --------------------------------------------------------------------------------
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def encode_pairs(pairs: list[tuple[str, Path, str]], opts: CacheOptions, enc: Encoders,
-                 report: list[dict]) -> Iterator[FeatureSample]:
-    for chunk in _chunks(pairs, opts.batch_size):
-        loaded = []
-        for key, path, caption in chunk:
-            try:
-                loaded.append((key, load_image(path), caption))
-            except (UnidentifiedImageError, OSError) as err:
-                report.append({"key": key, "file": str(path), "reason": f"unreadable image: {err}"})
-        if not loaded:
-            continue
-        captions = [c for _, _, c in loaded]
-        student = enc.prompt.encode(captions)
-        teacher = enc.teacher.encode([img for _, img, _ in loaded], captions)
-        for i, (key, img, caption) in enumerate(loaded):
-            bucket = assign_bucket(img.width, img.height, opts.buckets)
-            tensors = {"student": student[i], "teacher": teacher[i]}
-            if enc.vae is not None:
-                tensors["latents"] = enc.target_latents([fit_to_bucket(img, bucket)])[0]
-            meta = {"caption": caption, "bucket": list(bucket), "width": img.width, "height": img.height}
-            yield FeatureSample(key=key, meta=meta, tensors=tensors)
+# ---- the driver -----------------------------------------------------------------------------------
+def _journal(out: Path, finished: set[str]) -> list[dict]:
+    path = out / JOURNAL
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if r.get("shard") in finished]
 
 
 def cache_features(opts: CacheOptions) -> dict:
     """Run the tool; returns a summary (also written to `summary.json`)."""
+    t0 = time.perf_counter()
     out = Path(opts.output_dir)
-    report: list[dict] = []
-    pairs = find_pairs(opts.input_dir, report)
-    enc = Encoders(opts)
-    manifest = check_or_create_manifest(out, producer_info(opts, enc))
-    dtype = DTYPES[opts.dtype]
-    written = skipped_shards = 0
-    for index, shard_pairs in enumerate(tqdm(list(_chunks(pairs, opts.shard_size)), desc="shards")):
-        name = f"features-{index:06d}.tar"
-        if name in manifest.shards:
-            skipped_shards += 1
-            continue
-        tmp = out / (name + ".tmp")
-        count = 0
-        with wds.TarWriter(str(tmp)) as sink:
-            for sample in encode_pairs(shard_pairs, opts, enc, report):
-                sink.write(encode_sample(sample, dtype))
-                count += 1
-        tmp.replace(out / name)
-        manifest.shards[name] = count
-        manifest.save(out)
-        written += count
-    val_feats = enc.prompt.encode(opts.val_prompts)
-    save_val_prompts(out / VAL_PROMPTS, opts.val_prompts, val_feats, dtype)
-    with open(out / "report.jsonl", "a", encoding="utf-8") as f:
-        for row in report:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    summary = {"pairs": len(pairs), "samples_written": written, "shards_resumed": skipped_shards,
-               "skipped": len(report), "total_samples": manifest.num_samples, "options": asdict(opts)}
+    listing_report: list[dict] = []
+    tasks, input_info, buckets = plan_tasks(opts, listing_report)
+    worker_opts = {**asdict(opts), "buckets": [list(b) for b in buckets]}
+    pool = make_pool(worker_opts, opts.actors, opts.ray_address, opts.retries)
+    try:
+        producer = {**pool.producer(), "input": input_info}
+        manifest = check_or_create_manifest(out, producer)
+        todo = [t for t in tasks if t["name"] not in manifest.shards]
+        bar = tqdm(total=len(todo), desc="cache-features", unit="shard")
+        sources = {t["name"]: t.get("source") for t in tasks}
+        written, encode_seconds = 0, 0.0
+
+        def finish(result: dict) -> None:
+            nonlocal written, encode_seconds
+            with open(out / JOURNAL, "a", encoding="utf-8") as f:  # the journal first: the manifest marks done
+                for row in result["rows"]:
+                    f.write(json.dumps({"shard": result["name"], **row}, ensure_ascii=False) + "\n")
+            manifest.shards[result["name"]] = result["count"]
+            if sources[result["name"]]:
+                manifest.sources[result["name"]] = shard_name(sources[result["name"]])
+            manifest.save(out)
+            written += result["count"]
+            encode_seconds += result["seconds"]
+            bar.update(1)
+            bar.set_postfix(samples=written, rate=f"{written / (time.perf_counter() - t0):.1f}/s")
+
+        failed = pool.run(todo, finish)
+        bar.close()
+        if not (out / VAL_PROMPTS).is_file() or todo:
+            pool.write_val_prompts(str(out / VAL_PROMPTS), opts.val_prompts)
+    finally:
+        pool.close()
+    return _summarize(out, opts, manifest, listing_report, failed, len(tasks) - len(todo), written,
+                      time.perf_counter() - t0, encode_seconds)
+
+
+def _summarize(out: Path, opts: CacheOptions, manifest: Manifest, listing_report: list[dict], failed: list[dict],
+               resumed: int, written: int, seconds: float, encode_seconds: float) -> dict:
+    report = listing_report + [{k: v for k, v in r.items() if k != "shard"} for r in _journal(out, set(manifest.shards))]
+    report += [{"key": "*", "source": t.get("source") or t["name"], "action": "failed",
+                "reason": f"shard failed after {t['tries']} tries ({t['error']})"} for t in failed]
+    write_report(out, report)
+    counts = reason_counts(report)
+    summary = {
+        "samples_written": written, "shards_resumed": resumed, "shards_failed": [t["name"] for t in failed],
+        "skipped": sum(1 for r in report if r["action"] == "skipped"), "total_samples": manifest.num_samples,
+        "shards": len(manifest.shards), "reasons": counts, "seconds": round(seconds, 2),
+        "samples_per_s": round(written / seconds, 2) if seconds > 0 else 0.0,
+        "encode_samples_per_s": round(written / encode_seconds, 2) if encode_seconds > 0 else 0.0,
+        "options": asdict(opts),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    log.info("cache-features: %s", format_counts(counts))
     return summary

@@ -30,11 +30,13 @@ The EMA teacher is sharded like the student:
   `local_params` is every whole weight.
 - ZeRO-3: a second DeepSpeed engine without optimizer (DeepSpeed's parameter partitioning and
   gather-on-forward); `local_params` is each parameter's partition `p.ds_tensor`, which has the
-  same layout for student and teacher, so the EMA runs shard by shard without a gather. The
-  teacher never keeps gathered ("persistent") weights between forwards, so a forward always sees
-  the latest EMA shards.
+  same layout for student and teacher (the student's are read from its fp32 master partitions),
+  so the EMA runs shard by shard without a gather. The teacher never keeps gathered
+  ("persistent") weights between forwards, so a forward always sees the latest EMA shards.
 The teacher stays in fp32 when the student computes in bf16, so an EMA with decay 0.9999 is not
-rounded away (bf16 keeps about 3 significant digits); its forward then runs in fp32.
+rounded away (bf16 keeps about 3 significant digits); its forward then runs in fp32 (bf16 matmuls
+under the trainer's autocast, `run.mixed_precision`). Under ZeRO-2 the EMA reads the student's
+bf16 compute weights (its fp32 masters are partitioned across ranks by a flat layout).
 
 Checkpoints: `<ckpt>/deepspeed/state/` is `engine.save_checkpoint` (student, optimizer state and
 fp32 master partitions; exact resume on the same world size). The teacher goes beside it:
@@ -75,8 +77,8 @@ COMM_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 def ds_config(cfg: ParallelConfig, optim_cfg: OptimConfig, num_params: int, teacher: bool = False) -> dict:
     """The DeepSpeed config dict of the student engine (or, `teacher=True`, of the ZeRO-3 teacher).
 
-    Bucket sizes are DeepSpeed's defaults (5e8 elements), capped at the model's size: DeepSpeed
-    allocates whole buckets, which costs seconds per step on a small model.
+    Reduce and all-gather buckets are DeepSpeed's default 5e8 elements, capped at the model's size:
+    DeepSpeed allocates whole buckets, which cost seconds per step on a small model.
     """
     if cfg.zero_stage not in (2, 3):
         raise ValueError(f"parallel.zero_stage={cfg.zero_stage}: DeepSpeed runs ZeRO stage 2 or 3")
@@ -87,8 +89,6 @@ def ds_config(cfg: ParallelConfig, optim_cfg: OptimConfig, num_params: int, teac
     bucket = int(min(5e8, max(num_params, 1)))
     zero: dict = {"stage": cfg.zero_stage, "contiguous_gradients": True, "overlap_comm": False,
                   "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
-    if cfg.zero_stage == 3:
-        zero.update(stage3_prefetch_bucket_size=int(min(5e7, bucket)), stage3_max_live_parameters=int(min(1e9, bucket)))
     if cfg.cpu_offload and cfg.zero_stage == 3:
         zero["offload_param"] = dict(offload)
     if teacher:
@@ -124,17 +124,20 @@ def _free_port() -> int:
 
 
 def _ensure_process_group(info: DistInfo) -> None:
-    """DeepSpeed needs a process group; a single-process run gets a private one-rank group."""
-    if dist.is_initialized():
-        return
-    if info.world_size > 1:
-        raise RuntimeError("parallel.kind=deepspeed on several ranks needs the process group up first")
-    # DeepSpeed reads the launcher's variables even for one rank
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", str(_free_port()))):
+    """DeepSpeed needs a process group; a single-process run gets a private one-rank group.
+
+    DeepSpeed also reads the launcher's variables (LOCAL_RANK...), which not every launcher sets.
+    """
+    env = {"RANK": str(info.rank), "LOCAL_RANK": str(info.local_rank), "WORLD_SIZE": str(info.world_size)}
+    if not dist.is_initialized():
+        if info.world_size > 1:
+            raise RuntimeError("parallel.kind=deepspeed on several ranks needs the process group up first")
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    for key, value in env.items():
         os.environ.setdefault(key, value)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, init_method="env://", rank=0, world_size=1)
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method="env://", rank=0, world_size=1)
 
 
 def _state_keys(module: nn.Module) -> tuple[list[str], list[str]]:
@@ -179,13 +182,14 @@ class DeepSpeedStrategy(ParallelStrategy):
         if teacher is None:
             self.teacher = None
         elif self.stage == 3:
-            self.teacher, _, _, _ = deepspeed.initialize(model=teacher.requires_grad_(False),
-                                                         config=ds_config(self.cfg, optim_cfg, num_params, teacher=True))
+            config = ds_config(self.cfg, optim_cfg, num_params, teacher=True)
+            self.teacher, _, _, _ = deepspeed.initialize(model=teacher.requires_grad_(False), config=config)
             self.teacher.eval()
         else:
             self.teacher = teacher.to(self.device)
-        log.info("DeepSpeed ZeRO-%d: %s, cpu_offload=%s, teacher=%s", self.stage, self.cfg.param_dtype,
-                 self.cfg.cpu_offload, "none" if teacher is None else ("partitioned" if self.stage == 3 else "replicated"))
+        kind = "none" if teacher is None else ("partitioned" if self.stage == 3 else "replicated")
+        log.info("DeepSpeed ZeRO-%d: %s, cpu_offload=%s, teacher %s", self.stage, self.cfg.param_dtype,
+                 self.cfg.cpu_offload, kind)
 
     def unwrapped(self) -> nn.Module:
         return self.engine.module
@@ -243,7 +247,7 @@ class DeepSpeedStrategy(ParallelStrategy):
             if opt.cpu_offload:
                 opt.reset_cpu_buffers()
             else:
-                for k in opt.averaged_gradients.keys():
+                for k in opt.averaged_gradients:
                     opt.averaged_gradients[k] = None
                     opt.all_grad_tensors[k] = None
             opt.micro_step_id = INITIAL_MICRO_STEP_ID
@@ -251,9 +255,20 @@ class DeepSpeedStrategy(ParallelStrategy):
 
     # ---- teacher -------------------------------------------------------------------------------
     def local_params(self, module: nn.Module) -> list[torch.Tensor]:
-        if self.stage == 3:
+        """ZeRO-3: this rank's partition of each weight; the student's from its fp32 masters.
+
+        The student's fp32 master partition of a parameter has the layout of its `ds_tensor`
+        (DeepSpeed flattens the partitions of a group in order), so it pairs with the teacher's
+        `ds_tensor` element for element, and a bf16 run's EMA is taken of the fp32 weights.
+        ZeRO-2: whole (replicated) weights; a bf16 run's student weights are its bf16 copy.
+        """
+        if self.stage != 3:
+            return [p.data for p in module.parameters()]
+        if module is not self.engine:
             return [p.ds_tensor.data for p in module.parameters()]
-        return [p.data for p in module.parameters()]
+        opt = self.engine.optimizer
+        return [opt._get_fp32_opt_state_partition(p, release_swap_buffers=False)[0] if p.requires_grad
+                else p.ds_tensor.data for p in module.parameters()]
 
     # ---- state ---------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
@@ -284,6 +299,9 @@ class DeepSpeedStrategy(ParallelStrategy):
     def load(self, directory: Path) -> None:
         directory = Path(directory)
         saved = _saved_world_size(directory)
+        if saved == 0:
+            raise FileNotFoundError(f"{directory}: not a DeepSpeed checkpoint (no {DS_DIR}/{TAG}/*optim_states.pt); "
+                                    "resume it with the parallel.kind that wrote it")
         if saved != dist.get_world_size():
             raise ValueError(f"{directory}: a DeepSpeed checkpoint of {saved} rank(s) resumes on the same world size "
                              f"only (now {dist.get_world_size()}); export it (dopsd export) or convert it with "
@@ -339,7 +357,9 @@ def load_consolidated(checkpoint_dir: Path, which: str = "student") -> dict[str,
     if which == "student":
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir / DS_DIR), tag=TAG)
         return {k: v.detach().cpu().float().contiguous() if v.is_floating_point() else v.cpu()
