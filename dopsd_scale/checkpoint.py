@@ -160,6 +160,11 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     # ---- loading ---------------------------------------------------------------------------
+    def data_states(self, path: Path) -> list[dict]:
+        """The data-reader states of every rank that wrote the checkpoint."""
+        states = [json.loads(p.read_text(encoding="utf-8")).get("data") for p in _rank_files(path)]
+        return [s for s in states if s]
+
     def load(self, path: Path, strategy) -> dict[str, Any]:
         """Restore the strategy's state; return this rank's JSON extra and restore its RNG."""
         strategy.load(path)
@@ -173,6 +178,10 @@ class Checkpointer:
         if rng_path.is_file():
             set_rng_state(load_file(str(rng_path)))
         return json.loads(extra_path.read_text(encoding="utf-8"))
+
+
+def _rank_files(path: Path) -> list[Path]:
+    return sorted(Path(path).glob("rank_*[0-9].json"))
 
 
 def is_checkpoint(path: Path) -> bool:

@@ -19,7 +19,6 @@ from torch import nn
 from .attention import apply_attention_backend, resolve_backend
 from .checkpoint import Checkpointer
 from .config import Config, DataConfig, ModelConfig, ObjectiveConfig, RunConfig, save_config, to_dict
-from .data.format import Manifest
 from .data.reader import Batch, FeatureLoader, build_loader
 from .distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, configure_rank_logging, init_distributed
 from .faults import FaultInjector, StopRequest
@@ -72,9 +71,11 @@ def build_objective(cfg: ObjectiveConfig, spec: ModelSpec):
     return DOPSDObjective(sigmas, cfg.space, cfg.steps, cfg.per_step_backward, cfg.loss_weight)
 
 
-def build_data(cfg: DataConfig, feature_dim: int, info: DistInfo) -> FeatureLoader:
+def build_data(cfg: DataConfig, feature_dim: int, info: DistInfo, run_dir: Path) -> FeatureLoader:
+    """This rank's reader; skipped samples are listed in `<run>/data_report.jsonl`."""
     return build_loader(cfg.path, cfg.batch_size, feature_dim, cfg.num_workers, cfg.shuffle_buffer,
-                        cfg.seed, info.rank, info.world_size)
+                        cfg.seed, info.rank, info.world_size, manifest=cfg.manifest,
+                        report_path=str(run_dir / "data_report.jsonl"))
 
 
 def build_student_and_teacher(spec: ModelSpec, cfg: Config, device: torch.device,
@@ -95,6 +96,7 @@ class Trainer:
         self.rank, self.world_size = self.info.rank, self.info.world_size
         configure_rank_logging(self.info)
         self.run_dir = Path(cfg.run.output_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.run.seed)
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -107,8 +109,8 @@ class Trainer:
         self.lr_schedule = build_lr_schedule(self.optimizer, cfg.optim, cfg.run.max_steps)
         self.objective = build_objective(cfg.objective, self.spec)
         self.feature_dim = int(self.strategy.unwrapped().config.cap_feat_dim)
-        self.loader = build_data(cfg.data, self.feature_dim, self.info)
-        self.manifest = Manifest.load(cfg.data.path)
+        self.loader = build_data(cfg.data, self.feature_dim, self.info, self.run_dir)
+        self.manifest = self.loader.manifest
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
         self.metrics = MetricsLogger(self.run_dir, cfg.metrics.tensorboard, enabled=self.info.is_main)
         self.throughput = Throughput()
@@ -246,6 +248,8 @@ class Trainer:
             "lr": self.lr_schedule.get_last_lr()[0],
             "skipped_nonfinite": self.skipped_nonfinite,
             "batches_consumed": self.loader.consumed,
+            "data_epoch": self.loader.epoch,
+            "data_skipped": all_reduce_max([float(self.loader.skipped)], self.device)[0],
             "samples_per_s": samples,
             "tflops": flops,
             "data_wait_share": wait_mean,
@@ -291,11 +295,10 @@ class Trainer:
         self.lr_schedule.last_epoch = int(extra["lr_schedule"]["last_epoch"])
         self.lr_schedule._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         self.skipped_nonfinite = int(extra.get("skipped_nonfinite", 0))
-        if extra.get("data"):
-            self.loader.load_state_dict(extra["data"])
-        elif extra.get("world_size") != self.world_size:
-            log.warning("checkpoint from %s rank(s), now %d: the data stream restarts", extra.get("world_size"),
-                        self.world_size)
+        # every old rank's reader state: a resume on another world size needs them all
+        data_states = self.checkpointer.data_states(path)
+        if data_states:
+            self.loader.load_state_dict(data_states)
         log.info("resumed from %s at step %d", path, self.step)
         return True
 

@@ -1,0 +1,85 @@
+"""The Slurm batch scripts through a real single-node Slurm: a full run, and preemption + requeue."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from dopsd_scale.checkpoint import resolve_checkpoint
+from dopsd_scale.metrics import read_metrics
+
+from ..conftest import REPO
+from ..distributed.conftest import free_port
+from .conftest import launch_env
+from .slurm_cluster import start_slurm, stop_slurm
+
+CONFIG = "launch/configs/debug_zimage.yaml"
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slurm")
+    env = start_slurm(root)
+    yield root, env
+    stop_slurm(root, env)
+
+
+def _sbatch(slurm, run: Path, *overrides, wait: bool = True):
+    root, slurm_env = slurm
+    env = {**launch_env(), **slurm_env, "HEAD_IP": "127.0.0.1", "OBJECT_STORE_BYTES": "200000000",
+           "CPU_WORKERS": "2", "REPO": str(REPO), "VENV": str(Path(os.sys.executable).parents[1]),
+           "RAY_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(free_port()), "LOG_DIR": str(root / "logs")}
+    cmd = ["sbatch", *(["--wait"] if wait else ["--parsable"]), "--nodes=1", "--gpus-per-node=0",
+           f"--cpus-per-task={os.cpu_count() or 2}", "--time=30", f"--output={root}/slurm-%j.out",
+           "launch/slurm/train.sbatch", CONFIG, f"run.output_dir={run}", *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900), env
+
+
+def _common(models, features):
+    return [f"model.path={models['pipeline']}", f"data.path={features}", "metrics.tensorboard=false",
+            "metrics.log_every=1", "parallel.kind=fsdp2", "data.batch_size=1", "metrics.val_every=-1"]
+
+
+def _log(root: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted(root.glob("slurm-*.out")))
+
+
+def test_train_sbatch_runs_to_completion(slurm, debug_models, features, tmp_path):
+    run = tmp_path / "run"
+    out, _ = _sbatch(slurm, run, *_common(debug_models, features), "run.max_steps=3")
+    assert out.returncode == 0, out.stderr + _log(slurm[0])
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    assert resolve_checkpoint(run / "checkpoints").name == "step_00000003"
+
+
+def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, debug_models, features, tmp_path):
+    run = tmp_path / "run"
+    out, env = _sbatch(slurm, run, *_common(debug_models, features), "run.max_steps=400", wait=False)
+    assert out.returncode == 0, out.stderr
+    job = out.stdout.strip().split(";")[0]
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(1)
+    assert metrics.is_file(), _log(slurm[0])
+    # what `#SBATCH --signal=B:USR1@...` does before the time limit or a preemption
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True, timeout=60)
+    deadline = time.time() + 600
+    restarted = False
+    while time.time() < deadline:
+        info = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+        restarted = restarted or "Restarts=1" in info
+        if restarted and "JobState=RUNNING" in info and "resumed from" in _log(slurm[0]):
+            break
+        time.sleep(2)
+    subprocess.run(["scancel", job], env=env, timeout=60)
+    log = _log(slurm[0])
+    assert restarted, log[-5000:]
+    assert "requeueing job" in log and "resumed from" in log, log[-5000:]
+    first_checkpoint = min(p.name for p in (run / "checkpoints").glob("step_*"))
+    steps = [r["step"] for r in read_metrics(run)]
+    assert int(first_checkpoint.split("_")[1]) >= 2 and steps.count(steps[-1]) >= 1
