@@ -157,3 +157,17 @@ def test_zero_checkpoint_refuses_another_world_size(zero3_run, debug_models, uni
     done = subprocess.run(cmd, cwd=REPO, env=dist_env(), capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode != 0
     assert "resumes on the same world size only" in done.stderr
+
+
+def test_fsdp2_and_deepspeed_exports_agree(zero_run, tmp_path, debug_models, uniform_features):
+    """The same training under FSDP2 and under ZeRO exports the same weights (fp32 reduction order aside)."""
+    from safetensors.torch import load_file
+
+    fsdp = tmp_path / "fsdp"
+    torchrun_train(2, train_overrides(debug_models, uniform_features, fsdp, *SHARED, "parallel.kind=fsdp2",
+                                      "data.batch_size=1", f"run.max_steps={STEPS}"))
+    name = "transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(fsdp / "export" / name)), load_file(str(zero_run / "export" / name))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)

@@ -59,7 +59,7 @@ def test_ray_job_stop_leaves_a_loadable_checkpoint(ray_cluster, debug_models, fe
     subprocess.run([str(BIN / "ray"), "job", "stop", "--address", ray_cluster, job_id], env=launch_env(),
                    capture_output=True, timeout=300)
     deadline = time.time() + 300
-    while time.time() < deadline and "STOPPED" not in _job_status(ray_cluster, job_id):
+    while time.time() < deadline and "stopped" not in _job_status(ray_cluster, job_id).lower():
         time.sleep(1)
     checkpoint = resolve_checkpoint(run / "checkpoints")
     saved = json.loads((checkpoint / "rank_00000.json").read_text())

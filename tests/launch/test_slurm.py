@@ -14,7 +14,7 @@ from dopsd_scale.metrics import read_metrics
 
 from ..conftest import REPO
 from ..distributed.conftest import free_port
-from .conftest import launch_env
+from .conftest import BIN, launch_env
 from .slurm_cluster import start_slurm, stop_slurm
 
 CONFIG = "launch/configs/debug_zimage.yaml"
@@ -26,6 +26,8 @@ def slurm(tmp_path_factory):
     env = start_slurm(root)
     yield root, env
     stop_slurm(root, env)
+    # a cancelled job can leave its Ray driver behind (its node died under it)
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=launch_env(), capture_output=True, timeout=120)
 
 
 def _sbatch(slurm, run: Path, *overrides, wait: bool = True):
@@ -73,6 +75,10 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, debug_models,
     while time.time() < deadline:
         info = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
         restarted = restarted or "Restarts=1" in info
+        if restarted and "JobState=PENDING" in info and "Reason=BeginTime" in info:
+            # Slurm delays a requeued job until its launch credentials expire (CredExpire, 2 min):
+            # a cluster setting, not the script's; start it now
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=60)
         if restarted and "JobState=RUNNING" in info and "resumed from" in _log(slurm[0]):
             break
         time.sleep(2)
