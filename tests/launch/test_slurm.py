@@ -83,6 +83,8 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, debug_models,
             break
         time.sleep(2)
     subprocess.run(["scancel", job], env=env, timeout=60)
+    # the cancelled run's Ray driver loses its cluster and would linger: end it
+    subprocess.run(["pkill", "-f", f"run.output_dir={run}"], timeout=60)
     log = _log(slurm[0])
     assert restarted, log[-5000:]
     assert "requeueing job" in log and "resumed from" in log, log[-5000:]
