@@ -94,8 +94,12 @@ def apply_training_state(state: dict, model: nn.Module, optimizer: torch.optim.O
         set_model_state_dict(teacher, state["teacher"])
 
 
-def dcp_save(state: dict, directory: Path) -> None:
+def dcp_save(state: dict, directory: Path, async_save: bool = False, process_group=None):
+    """Save `state` with DCP; with `async_save`, stage it in memory and return the write's future."""
+    if async_save:
+        return dcp.async_save(state, checkpoint_id=str(directory), process_group=process_group)
     dcp.save(state, checkpoint_id=str(directory))
+    return None
 
 
 def dcp_load(state: dict, directory: Path) -> None:
@@ -104,9 +108,11 @@ def dcp_load(state: dict, directory: Path) -> None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, keep_last: int = 3):
+    def __init__(self, run_dir: str | Path, keep_last: int = 3, async_save: bool = False):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
+        self.async_save = async_save
+        self._pending = None
 
     # ---- locating --------------------------------------------------------------------------
     def latest(self) -> Optional[Path]:
@@ -129,17 +135,37 @@ class Checkpointer:
 
     # ---- saving ----------------------------------------------------------------------------
     def save(self, step: int, strategy, extra: dict[str, Any]) -> Path:
-        """Save the strategy's state plus this rank's JSON `extra` and RNG state; collective."""
+        """Save the strategy's state plus this rank's JSON `extra` and RNG state; collective.
+
+        With `async_save` the tensors are staged in memory and written in the background; the
+        checkpoint is finalised (JSON, rename, `latest`) by :meth:`wait`, which the next save
+        and the end of training call. Until then `latest` still names the previous checkpoint.
+        """
+        self.wait()
         final = self.root / step_dir_name(step)
         tmp = self.root / (step_dir_name(step) + ".tmp")
-        rank = _rank()
-        if rank == 0:
+        if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        strategy.save(tmp)
+        future = strategy.save(tmp, async_save=self.async_save)
+        self._pending = (future, tmp, final, extra, rng_state())
+        if future is None:
+            self.wait()
+        return final
+
+    def wait(self) -> Optional[Path]:
+        """Finish the pending save (if any): this rank's JSON and RNG, then rename; collective."""
+        if self._pending is None:
+            return None
+        future, tmp, final, extra, rng = self._pending
+        self._pending = None
+        if future is not None:
+            future.result()
+        rank = _rank()
+        save_file(rng, str(tmp / f"rank_{rank:05d}.rng.safetensors"))
+        # the rank JSON is what marks a checkpoint complete, so it is written last
         (tmp / f"rank_{rank:05d}.json").write_text(json.dumps(extra, indent=1), encoding="utf-8")
-        save_file(rng_state(), str(tmp / f"rank_{rank:05d}.rng.safetensors"))
         _barrier()
         if rank == 0:
             shutil.rmtree(final, ignore_errors=True)

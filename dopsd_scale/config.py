@@ -162,6 +162,9 @@ class CheckpointConfig:
     """`auto` (latest in the run directory, if any), `none`, or a checkpoint directory."""
     save_final: bool = True
     """Save a checkpoint when training ends."""
+    async_save: bool = False
+    """Write checkpoints in the background (DCP async_save; FSDP2 / single process): training goes
+    on while files are written, `latest` moves when they are complete. Costs a host copy of the state."""
     export_final: bool = True
     """Export a diffusers-format model into `<run>/export` when training ends."""
 

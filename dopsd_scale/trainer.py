@@ -111,7 +111,7 @@ class Trainer:
         self.feature_dim = int(self.strategy.unwrapped().config.cap_feat_dim)
         self.loader = build_data(cfg.data, self.feature_dim, self.info, self.run_dir)
         self.manifest = self.loader.manifest
-        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
         self.metrics = MetricsLogger(self.run_dir, cfg.metrics.tensorboard, enabled=self.info.is_main)
         self.throughput = Throughput()
         self.peak_tflops = device_peak_tflops(self.device, cfg.metrics.peak_tflops)
@@ -204,6 +204,7 @@ class Trainer:
                 if all_reduce_max([float(stop.requested)], self.device)[0]:
                     log.warning("stop requested: saving a checkpoint at step %d and exiting", self.step)
                     self.save()
+                    self.checkpointer.wait()
                     if self.info.is_main:
                         stop.clear()
                     self.metrics.close()
@@ -227,9 +228,11 @@ class Trainer:
 
     def finish(self) -> None:
         cfg = self.cfg
+        self.checkpointer.wait()
         latest = self.checkpointer.latest()
         if cfg.checkpoint.save_final and (latest is None or latest.name != f"step_{self.step:08d}"):
             self.save()
+            self.checkpointer.wait()
         if cfg.metrics.val_every >= 0:
             self.validate()
         if cfg.checkpoint.export_final:

@@ -91,9 +91,11 @@ def test_cli_sample_and_export_from_checkpoint(trained, debug_models, tmp_path):
     assert ours.keys() == final.keys() and all(torch.equal(ours[k], final[k]) for k in ours)
 
 
-def test_resume_continues_the_same_run_bitwise(tmp_path, debug_models, features):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_resume_continues_the_same_run_bitwise(tmp_path, debug_models, features, async_save):
     common = ["metrics.log_every=1", "metrics.val_every=-1", "checkpoint.export_final=false",
-              "metrics.tensorboard=false", "run.deterministic=true", "data.shuffle_buffer=8"]
+              "metrics.tensorboard=false", "run.deterministic=true", "data.shuffle_buffer=8",
+              f"checkpoint.async_save={str(async_save).lower()}", "checkpoint.every_steps=2"]
     straight = tmp_path / "straight"
     Trainer(_config(straight, debug_models, features, "run.max_steps=8", *common)).fit()
     resumed = tmp_path / "resumed"

@@ -1,7 +1,7 @@
 """The student condition: Z-Image's prompt features from its Qwen3 text encoder.
 
 Exactly what ZImagePipeline feeds its DiT: the prompt in a user turn of the chat template (with
-the generation prompt), right-padded to `max_length`, hidden_states[-2], padding removed.
+the generation prompt), truncated to `max_length`, hidden_states[-2], padding removed.
 """
 
 from __future__ import annotations
@@ -57,9 +57,10 @@ class PromptEncoder:
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> list[torch.Tensor]:
         texts = [chat_prompt(self.tokenizer, p) for p in prompts]
-        enc = self.tokenizer(
-            texts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
-        )
+        # Right padding to the longest prompt, not to max_length as the pipeline does: the model
+        # is causal, so the real tokens' hidden states are the same and short batches are cheap.
+        enc = self.tokenizer(texts, padding="longest", padding_side="right", max_length=self.max_length, truncation=True,
+                             return_tensors="pt")
         ids = enc.input_ids.to(self.device)
         mask = enc.attention_mask.to(self.device).bool()
         hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states

@@ -60,11 +60,26 @@ class ParallelStrategy:
         return [p.data for p in module.parameters()]
 
     # ---- state ---------------------------------------------------------------------------------
-    def save(self, directory: Path) -> None:
-        """Write student, optimizer and teacher state into `directory` (collective)."""
+    def save(self, directory: Path, async_save: bool = False):
+        """Write student, optimizer and teacher state into `directory` (collective).
+
+        With `async_save`, returns the future of a background write (None when synchronous).
+        """
         from ..checkpoint import dcp_save, training_state
 
-        dcp_save(training_state(self.model, self.optimizer, self.teacher), directory)
+        state = training_state(self.model, self.optimizer, self.teacher)
+        return dcp_save(state, directory, async_save, self._checkpoint_group() if async_save else None)
+
+    def _checkpoint_group(self):
+        """A separate gloo group for background checkpoint writes, so that they never interleave
+        with the training collectives of the default group (created once, on every rank)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        if getattr(self, "_ckpt_group", None) is None:
+            self._ckpt_group = dist.new_group(backend="gloo")
+        return self._ckpt_group
 
     def load(self, directory: Path) -> None:
         from ..checkpoint import apply_training_state, dcp_load, training_state

@@ -271,12 +271,14 @@ class DeepSpeedStrategy(ParallelStrategy):
                 else p.ds_tensor.data for p in module.parameters()]
 
     # ---- state ---------------------------------------------------------------------------------
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, async_save: bool = False) -> None:
+        """DeepSpeed's own checkpoint API; always synchronous (`checkpoint.async_save` is ignored)."""
         directory = Path(directory)
         self.engine.save_checkpoint(str(directory / DS_DIR), tag=TAG)
         if self.teacher is not None:
             self._save_teacher(directory)
         dist.barrier()
+        return None
 
     def _save_teacher(self, directory: Path) -> None:
         if self.stage == 2:

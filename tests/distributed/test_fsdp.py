@@ -31,8 +31,10 @@ def single_run(tmp_path_factory, debug_models, uniform_features):
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory, debug_models, uniform_features):
     run = tmp_path_factory.mktemp("fsdp") / "run"
+    # background (async) checkpoint writes: the checkpoints the other tests load were written so
     torchrun_train(2, train_overrides(debug_models, uniform_features, run, "parallel.kind=fsdp2",
-                                      "data.batch_size=1", f"run.max_steps={STEPS}", "checkpoint.every_steps=2"))
+                                      "data.batch_size=1", f"run.max_steps={STEPS}", "checkpoint.every_steps=2",
+                                      "checkpoint.async_save=true"))
     return run
 
 
