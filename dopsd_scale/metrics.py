@@ -67,7 +67,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 class Throughput:
-    """Samples/s and achieved FLOP/s over the steps since the last report."""
+    """Samples/s, achieved FLOP/s and data-wait share over the steps since the last report."""
 
     def __init__(self):
         self.reset()
@@ -80,15 +80,13 @@ class Throughput:
         self.flops += flops
         self.data_wait += data_wait
 
-    def report(self, peak_tflops: Optional[float]) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
+        """This rank's rates since the last report (the trainer sums ranks and derives MFU)."""
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        achieved = self.flops / elapsed
         out = {
             "samples_per_s": self.samples / elapsed,
-            "tflops": achieved / 1e12,
+            "tflops": self.flops / elapsed / 1e12,
             "data_wait_share": self.data_wait / elapsed,
         }
-        if peak_tflops:
-            out["mfu"] = achieved / (peak_tflops * 1e12)
         self.reset()
         return out

@@ -240,7 +240,7 @@ class Trainer:
         self.metrics.close()
 
     def log_metrics(self, stats: RolloutStats, grad_norm: float) -> None:
-        local = self.throughput.report(self.peak_tflops)
+        local = self.throughput.report()
         loss, gap_mean, wait_mean = all_reduce_mean(
             [stats.loss, _mean(stats.gap_per_step), local["data_wait_share"]], self.device)
         samples, flops = (v * self.world_size for v in all_reduce_mean([local["samples_per_s"], local["tflops"]],

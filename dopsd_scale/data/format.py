@@ -26,7 +26,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors.torch import load as st_load
@@ -100,34 +100,28 @@ def encode_sample(sample: FeatureSample, dtype: torch.dtype = torch.bfloat16) ->
     }
 
 
-def decode_sample(raw: dict[str, Any]) -> FeatureSample:
-    """Parse the raw tar members of one sample; raises FeatureFormatError naming the key."""
-    key = raw.get("__key__", "?")
-    where = f"{raw.get('__url__', '?')}:{key}"
-    if "json" not in raw or "safetensors" not in raw:
-        missing = [m for m in ("json", "safetensors") if m not in raw]
-        raise FeatureFormatError(f"{where}: missing member(s) {', '.join(missing)}")
-    try:
-        meta = json.loads(raw["json"])
-        tensors = st_load(bytes(raw["safetensors"]))
-    except Exception as err:  # corrupt bytes fail in many ways
-        raise FeatureFormatError(f"{where}: unreadable sample ({type(err).__name__}: {err})") from None
-    shapes = {name: list(t.shape) for name, t in tensors.items()}
-    check_feature_shapes(where, meta, shapes)
-    return FeatureSample(key=key, meta=meta, tensors=tensors)
-
-
-def check_raw_sample(raw: dict[str, Any], width: Optional[int] = None) -> tuple[dict, dict[str, list[int]]]:
-    """(metadata, tensor shapes) of raw tar members, checked without decoding the tensors."""
+def _parse_members(raw: dict[str, Any], read: Callable[[bytes], Any]) -> tuple[str, dict, Any]:
+    """(where, metadata, read(safetensors bytes)) of one sample's raw tar members."""
     where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
     missing = [m for m in ("json", "safetensors") if m not in raw]
     if missing:
         raise FeatureFormatError(f"{where}: missing member(s) {', '.join(missing)}")
     try:
-        meta = json.loads(raw["json"])
-        shapes = safetensors_shapes(bytes(raw["safetensors"]))
+        return where, json.loads(raw["json"]), read(bytes(raw["safetensors"]))
     except Exception as err:  # corrupt bytes fail in many ways
         raise FeatureFormatError(f"{where}: unreadable sample ({type(err).__name__}: {err})") from None
+
+
+def decode_sample(raw: dict[str, Any]) -> FeatureSample:
+    """Parse the raw tar members of one sample; raises FeatureFormatError naming the key."""
+    where, meta, tensors = _parse_members(raw, st_load)
+    check_feature_shapes(where, meta, {name: list(t.shape) for name, t in tensors.items()})
+    return FeatureSample(key=raw.get("__key__", "?"), meta=meta, tensors=tensors)
+
+
+def check_raw_sample(raw: dict[str, Any], width: Optional[int] = None) -> tuple[dict, dict[str, list[int]]]:
+    """(metadata, tensor shapes) of raw tar members, checked without decoding the tensors."""
+    where, meta, shapes = _parse_members(raw, safetensors_shapes)
     check_feature_shapes(where, meta, shapes, width)
     return meta, shapes
 

@@ -85,9 +85,12 @@ class ModelSpec:
         """The pipeline's VAE (for validation images), or None for a bare transformer directory."""
         if not self.is_pipeline or not (self.path / "vae").is_dir():
             return None
-        from diffusers import AutoencoderKL
+        # loaded once per spec: validation asks for it every `metrics.val_every` steps
+        if getattr(self, "_vae", None) is None or self._vae.dtype != dtype:
+            from diffusers import AutoencoderKL
 
-        return AutoencoderKL.from_pretrained(str(self.path / "vae"), torch_dtype=dtype)
+            self._vae = AutoencoderKL.from_pretrained(str(self.path / "vae"), torch_dtype=dtype).eval()
+        return self._vae
 
     # ---- conventions ---------------------------------------------------------------------
     def velocity(self, model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
