@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -163,7 +164,11 @@ class Trainer:
             self.nonfinite_in_row = 0
             self.strategy.optimizer_step()
             self.teacher.update(self.model, self.strategy.local_params)
-        self.lr_schedule.step()
+        with warnings.catch_warnings():
+            # the schedule follows the step count, skipped steps included: torch warns when the
+            # first optimizer step was the one skipped
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.lr_schedule.step()
         return stats, grad_norm
 
     def _skip_nonfinite(self) -> None:

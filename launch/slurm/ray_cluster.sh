@@ -10,6 +10,7 @@ ray_cluster_start() {
   RAY_ADDRESS_GCS="$HEAD_IP:$RAY_PORT"
   export RAY_ADDRESS="http://$HEAD_IP:$RAY_DASHBOARD_PORT"
   mkdir -p "$LOG_DIR"
+  echo "$(date -Is) starting Ray: head $HEAD_NODE ($RAY_ADDRESS_GCS), ${#NODES[@]} node(s), logs in $LOG_DIR"
   local common=(--num-cpus="$CPUS_PER_NODE" --num-gpus="$GPUS_PER_NODE" --disable-usage-stats --block)
   [ -n "${OBJECT_STORE_BYTES:-}" ] && common+=(--object-store-memory="$OBJECT_STORE_BYTES")
   srun --overlap --nodes=1 --ntasks=1 -w "$HEAD_NODE" --output="$LOG_DIR/ray-head-$HEAD_NODE.log" \
@@ -31,8 +32,9 @@ ray_cluster_start() {
 }
 
 ray_cluster_stop() {
+  echo "$(date -Is) stopping Ray on ${#NODES[@]} node(s)"
   for node in "${NODES[@]}"; do
-    srun --overlap --nodes=1 --ntasks=1 -w "$node" ray stop --force >/dev/null 2>&1 || true
+    timeout 120 srun --overlap --nodes=1 --ntasks=1 -w "$node" ray stop --force >/dev/null 2>&1 || true
   done
   kill "${RAY_STEPS[@]}" 2>/dev/null || true
   wait 2>/dev/null || true

@@ -46,6 +46,12 @@ def ensure_munge() -> None:
 
 
 def write_conf(root: Path) -> Path:
+    """slurm.conf for one node on loopback.
+
+    `cred_expire` is also how long a requeued job waits before it may start again (120 s by
+    default); 30 s keeps the preemption test short without forcing the start, which would race
+    slurmd's clean-up of the job's first run.
+    """
     host = socket.gethostname()
     cpus = os.cpu_count() or 2
     conf = root / "slurm.conf"
@@ -54,6 +60,7 @@ SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=30
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -50,6 +51,36 @@ def _log(root: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted(root.glob("slurm-*.out")))
 
 
+def _diagnosis(slurm, job: str) -> str:
+    """What Slurm says about the job and the node, and the daemons' last words: for failure messages."""
+    root, env = slurm
+    parts = [_log(root)[-3000:]]
+    for cmd in (["scontrol", "show", "job", job], ["sinfo", "-N", "-l"]):
+        parts.append(subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60).stdout)
+    for name in ("slurmctld.log", "slurmd.log"):
+        path = root / name
+        parts.append(f"--- {name}\n" + (path.read_text(errors="replace")[-3000:] if path.is_file() else "(none)"))
+    return "\n".join(parts)
+
+
+def _wait_for_resume(slurm, job: str, deadline: float) -> bool:
+    """True once the job has been requeued, runs again and its trainer resumed from a checkpoint.
+
+    The requeued job waits out the credential lifetime (`cred_expire` in the test's slurm.conf)
+    before it starts again; a held job or a drained node will not get better, so stop early.
+    """
+    root, env = slurm
+    while time.time() < deadline:
+        info = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+        if "Restarts=1" in info and "JobState=RUNNING" in info and "resumed from" in _log(root):
+            return True
+        node = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout
+        if "Reason=launch_failed" in info or "JobHeld" in info or "drain" in node:
+            return False
+        time.sleep(2)
+    return False
+
+
 def test_train_sbatch_runs_to_completion(slurm, debug_models, features, tmp_path):
     run = tmp_path / "run"
     out, _ = _sbatch(slurm, run, *_common(debug_models, features), "run.max_steps=3")
@@ -70,24 +101,16 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, debug_models,
     assert metrics.is_file(), _log(slurm[0])
     # what `#SBATCH --signal=B:USR1@...` does before the time limit or a preemption
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True, timeout=60)
-    deadline = time.time() + 600
-    restarted = False
-    while time.time() < deadline:
-        info = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
-        restarted = restarted or "Restarts=1" in info
-        if restarted and "JobState=PENDING" in info and "Reason=BeginTime" in info:
-            # Slurm delays a requeued job until its launch credentials expire (CredExpire, 2 min):
-            # a cluster setting, not the script's; start it now
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=60)
-        if restarted and "JobState=RUNNING" in info and "resumed from" in _log(slurm[0]):
-            break
-        time.sleep(2)
+    resumed = _wait_for_resume(slurm, job, deadline=time.time() + 420)
+    diagnosis = _diagnosis(slurm, job)
     subprocess.run(["scancel", job], env=env, timeout=60)
     # the cancelled run's Ray driver loses its cluster and would linger: end it
     subprocess.run(["pkill", "-f", f"run.output_dir={run}"], timeout=60)
-    log = _log(slurm[0])
-    assert restarted, log[-5000:]
-    assert "requeueing job" in log and "resumed from" in log, log[-5000:]
-    first_checkpoint = min(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert resumed, diagnosis
+    assert "requeueing job" in _log(slurm[0]), diagnosis
+    # the preempted run saved at its last step N; the requeued run starts after N
+    resumed_step = int(re.search(r"resumed from \S*step_(\d+)", _log(slurm[0])).group(1))
     steps = [r["step"] for r in read_metrics(run)]
-    assert int(first_checkpoint.split("_")[1]) >= 2 and steps.count(steps[-1]) >= 1
+    assert resumed_step >= 2 and (run / "checkpoints" / f"step_{resumed_step:08d}").is_dir()
+    assert steps[:resumed_step] == list(range(1, resumed_step + 1))
+    assert all(s > resumed_step for s in steps[resumed_step:]), steps
