@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 import warnings
 from pathlib import Path
@@ -167,7 +168,7 @@ class Trainer:
         with warnings.catch_warnings():
             # the schedule follows the step count, skipped steps included: torch warns when the
             # first optimizer step was the one skipped
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.lr_schedule.step()
         return stats, grad_norm
 

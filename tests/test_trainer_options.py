@@ -18,7 +18,7 @@ QUIET = ["metrics.val_every=-1", "checkpoint.save_final=false", "checkpoint.expo
 def _first_step_grads(cfg):
     trainer = Trainer(cfg)
     batch = next(trainer.loader)
-    trainer.optimizer.step = lambda *a, **k: None  # keep the gradients for inspection
+    trainer.strategy.optimizer_step = lambda: None  # keep the gradients for inspection
     trainer.train_step(batch)
     return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
