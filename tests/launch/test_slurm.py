@@ -67,7 +67,8 @@ def _wait_for_resume(slurm, job: str, deadline: float) -> bool:
     """True once the job has been requeued, runs again and its trainer resumed from a checkpoint.
 
     The requeued job waits out the credential lifetime (`cred_expire` in the test's slurm.conf)
-    before it starts again; a held job or a drained node will not get better, so stop early.
+    before it starts again; a job that ended, a held job or a drained node will not get better,
+    so stop early.
     """
     root, env = slurm
     while time.time() < deadline:
@@ -75,7 +76,8 @@ def _wait_for_resume(slurm, job: str, deadline: float) -> bool:
         if "Restarts=1" in info and "JobState=RUNNING" in info and "resumed from" in _log(root):
             return True
         node = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout
-        if "Reason=launch_failed" in info or "JobHeld" in info or "drain" in node:
+        ended = "Restarts=1" in info and re.search(r"JobState=(COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL)", info)
+        if ended or "Reason=launch_failed" in info or "JobHeld" in info or "drain" in node:
             return False
         time.sleep(2)
     return False
