@@ -1,4 +1,7 @@
-"""The Slurm batch scripts through a real single-node Slurm: a full run, and preemption + requeue."""
+"""The Slurm batch scripts through a real single-node Slurm.
+
+Training to completion, feature caching, and preemption + requeue + resume.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from dopsd_data_tools.inspect_shards import inspect_shards
+from dopsd_data_tools.synthetic import make_synthetic_pairs
 from dopsd_scale.checkpoint import resolve_checkpoint
 from dopsd_scale.metrics import read_metrics
 
-from ..conftest import REPO
+from ..conftest import DEBUG_BUCKETS, REPO
 from ..distributed.conftest import free_port
 from .conftest import BIN, launch_env
 from .slurm_cluster import start_slurm, stop_slurm
@@ -31,15 +36,20 @@ def slurm(tmp_path_factory):
     subprocess.run([str(BIN / "ray"), "stop", "--force"], env=launch_env(), capture_output=True, timeout=120)
 
 
-def _sbatch(slurm, run: Path, *overrides, wait: bool = True):
+def _sbatch(slurm, script: str, *args: str, wait: bool = True):
+    """Submits a batch script of launch/slurm/ for one CPU node; returns (result, environment)."""
     root, slurm_env = slurm
     env = {**launch_env(), **slurm_env, "HEAD_IP": "127.0.0.1", "OBJECT_STORE_BYTES": "200000000",
-           "CPU_WORKERS": "2", "REPO": str(REPO), "VENV": str(Path(os.sys.executable).parents[1]),
+           "CPU_WORKERS": "2", "CPU_ACTORS": "2", "REPO": str(REPO), "VENV": str(Path(os.sys.executable).parents[1]),
            "RAY_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(free_port()), "LOG_DIR": str(root / "logs")}
     cmd = ["sbatch", *(["--wait"] if wait else ["--parsable"]), "--nodes=1", "--gpus-per-node=0",
            f"--cpus-per-task={os.cpu_count() or 2}", "--time=30", f"--output={root}/slurm-%j.out",
-           "launch/slurm/train.sbatch", CONFIG, f"run.output_dir={run}", *overrides]
+           f"launch/slurm/{script}", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900), env
+
+
+def _train(slurm, run: Path, *overrides: str, wait: bool = True):
+    return _sbatch(slurm, "train.sbatch", CONFIG, f"run.output_dir={run}", *overrides, wait=wait)
 
 
 def _common(models, features):
@@ -85,15 +95,29 @@ def _wait_for_resume(slurm, job: str, deadline: float) -> bool:
 
 def test_train_sbatch_runs_to_completion(slurm, debug_models, features, tmp_path):
     run = tmp_path / "run"
-    out, _ = _sbatch(slurm, run, *_common(debug_models, features), "run.max_steps=3")
+    out, _ = _train(slurm, run, *_common(debug_models, features), "run.max_steps=3")
     assert out.returncode == 0, out.stderr + _log(slurm[0])
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
     assert resolve_checkpoint(run / "checkpoints").name == "step_00000003"
 
 
+def test_cache_sbatch_caches_every_pair(slurm, debug_models, tmp_path):
+    pairs = make_synthetic_pairs(tmp_path / "pairs", count=8, seed=1)
+    out = tmp_path / "features"
+    buckets = ",".join(f"{h}x{w}" for h, w in DEBUG_BUCKETS)
+    result, _ = _sbatch(slurm, "cache.sbatch", "--input", str(pairs), "--output", str(out), "--pipeline",
+                        str(debug_models["pipeline"]), "--teacher-vlm", str(debug_models["teacher_vlm"]),
+                        "--buckets", buckets, "--shard-size", "4", "--latents", "--threads", "1",
+                        "--vlm-min-pixels", str(32 * 32), "--vlm-max-pixels", str(64 * 64))
+    assert result.returncode == 0, result.stderr + _log(slurm[0])[-5000:]
+    info = inspect_shards(str(out))
+    assert info["samples"] == 8 and info["shards"] == 2, info
+    assert (out / "report.jsonl").read_text() == ""
+
+
 def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, debug_models, features, tmp_path):
     run = tmp_path / "run"
-    out, env = _sbatch(slurm, run, *_common(debug_models, features), "run.max_steps=400", wait=False)
+    out, env = _train(slurm, run, *_common(debug_models, features), "run.max_steps=400", wait=False)
     assert out.returncode == 0, out.stderr
     job = out.stdout.strip().split(";")[0]
     metrics = run / "metrics.jsonl"
