@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .distributed import shutdown_distributed
+
 
 def _bare_worker(args: argparse.Namespace) -> list[float]:
     """The D-OPSD step written out by hand."""
@@ -92,6 +94,7 @@ def _worker_main(args: argparse.Namespace) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         steady = times[args.warmup:]
         print("BENCH " + json.dumps({"mean_s": sum(steady) / len(steady), "steps": len(steady)}), flush=True)
+    shutdown_distributed()
 
 
 def _launch(variant: str, ranks: int, args: argparse.Namespace) -> float:

@@ -17,10 +17,16 @@ log = logging.getLogger("dopsd")
 # ---- subcommands ----------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
+    from .distributed import shutdown_distributed
     from .trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    Trainer(cfg).fit()
+    try:
+        Trainer(cfg).fit()
+    except BaseException:
+        shutdown_distributed(clean=False)
+        raise
+    shutdown_distributed()
 
 
 def cmd_make_debug_models(args: argparse.Namespace) -> None:

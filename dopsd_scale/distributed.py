@@ -37,6 +37,20 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
+def shutdown_distributed(clean: bool = True) -> None:
+    """Tear down the process groups this process joined (the launcher's job, not Ray's workers').
+
+    Without it gloo's worker threads outlive the interpreter and can abort the process at exit
+    ("terminate called without an active exception"). After a clean run every rank first waits
+    for the others, so that none leaves while another is still in a collective.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
