@@ -78,13 +78,13 @@ def _trainer_worker(args: argparse.Namespace) -> list[float]:
                  "metrics.tensorboard=false", "checkpoint.save_final=false", "checkpoint.export_final=false",
                  "checkpoint.resume=none", "metrics.log_every=1000000", "model.attention_backend=sdpa",
                  f"parallel.kind={'fsdp2' if world > 1 else 'none'}", "optim.lr=1e-4", "teacher.ema_decay=0.9999"]
-    trainer = Trainer(load_config(args.config, overrides))
     times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        trainer.train_step(next(trainer.loader).to(trainer.device))
-        trainer.step += 1
-        times.append(time.perf_counter() - t0)
+    with Trainer(load_config(args.config, overrides)) as trainer:
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            trainer.train_step(next(trainer.loader).to(trainer.device))
+            trainer.step += 1
+            times.append(time.perf_counter() - t0)
     return times
 
 

@@ -22,7 +22,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     try:
-        Trainer(cfg).fit()
+        with Trainer(cfg) as trainer:
+            trainer.fit()
     except BaseException:
         shutdown_distributed(clean=False)
         raise

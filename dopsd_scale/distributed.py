@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ def shutdown_distributed(clean: bool = True) -> None:
         return
     if clean:
         dist.barrier()
+    gc.collect()  # drop finished work objects and the tensors they hold while Python is still whole
     dist.destroy_process_group()
 
 

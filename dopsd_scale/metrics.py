@@ -58,6 +58,7 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -92,6 +92,8 @@ def build_student_and_teacher(spec: ModelSpec, cfg: Config, device: torch.device
 
 # ---- the trainer --------------------------------------------------------------------------
 class Trainer:
+    """D-OPSD (or SFT) training of one model spec; use as `with Trainer(cfg) as t: t.fit()`."""
+
     def __init__(self, cfg: Config, on_log: Optional[Callable[[int, dict], None]] = None):
         self.cfg, self.on_log = cfg, on_log
         self.info = init_distributed()
@@ -231,6 +233,21 @@ class Trainer:
             self.save()
         if cfg.metrics.val_every > 0 and self.step % cfg.metrics.val_every == 0:
             self.validate()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # other ranks may be gone: nothing collective, nothing that waits on them
+            self.metrics.close()
+
+    def close(self) -> None:
+        """Finish pending saves and what the parallel strategy has in flight (a clean end)."""
+        self.checkpointer.wait()
+        self.strategy.close()
+        self.metrics.close()
 
     def finish(self) -> None:
         cfg = self.cfg

@@ -44,7 +44,8 @@ def train_loop_per_worker(config: dict) -> None:
     def report(step: int, record: dict) -> None:
         ray.train.report({"step": step, **record})
 
-    Trainer(cfg, on_log=report).fit()
+    with Trainer(cfg, on_log=report) as trainer:
+        trainer.fit()
 
 
 def build_trainer(cfg: Config) -> TorchTrainer:

@@ -95,3 +95,7 @@ class ParallelStrategy:
     def unwrapped(self) -> nn.Module:
         """The diffusers module (for save_pretrained configs)."""
         return self.model
+
+    def close(self) -> None:
+        """Finish what the wrapped models still have in flight (prefetches, hooks) while the
+        process group is up; the strategy is not used afterwards."""

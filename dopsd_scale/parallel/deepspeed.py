@@ -194,6 +194,18 @@ class DeepSpeedStrategy(ParallelStrategy):
     def unwrapped(self) -> nn.Module:
         return self.engine.module
 
+    def close(self) -> None:
+        """Wait for any ZeRO-3 prefetch still in flight, release gathered weights and remove the
+        engines' hooks while the process group is up, so that nothing of DeepSpeed's touches
+        a collective during interpreter shutdown."""
+        from deepspeed import DeepSpeedEngine
+
+        for engine in (self.engine, self.teacher):
+            if isinstance(engine, DeepSpeedEngine):
+                if self.stage == 3:
+                    engine.empty_partition_cache()
+                engine.destroy()
+
     # ---- one optimizer step ------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         engine = self.engine

@@ -42,7 +42,9 @@ def free_port() -> int:
 
 def dist_env() -> dict:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    # PYTHONFAULTHANDLER: a rank that aborts shows where every thread was
+    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
+               PYTHONFAULTHANDLER="1")
     # DeepSpeed JIT-builds its shared-memory CPU collective op (g++/ninja, ~1 min) the first time
     # it starts on CPU: keep the build in a cache folder so later runs load it in milliseconds
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
