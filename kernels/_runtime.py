@@ -114,6 +114,21 @@ def dot(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def batch_head_lengths(KV_LENS, Q_LENS, H, L_Q, L_K, HAS_KV_LENS: tl.constexpr, HAS_Q_LENS: tl.constexpr):
+    """(batch, head, query length, key length) of this program's (batch x head) grid column."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    kv_len = L_K
+    if HAS_KV_LENS:
+        kv_len = tl.load(KV_LENS + b)
+    q_len = L_Q
+    if HAS_Q_LENS:
+        q_len = tl.load(Q_LENS + b)
+    return b, h, q_len, kv_len
+
+
+@triton.jit
 def load_rows(ptrs, rows, n_rows, cols, n_cols, MASK_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
     """Load a [rows, cols] tile, zero-filling rows >= n_rows and padded columns.
 

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import (
+    batch_head_lengths,
     block_for_head_dim,
     configs,
     dot,
@@ -83,15 +84,8 @@ def _attn_fwd_kernel(
     EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    kv_len = L_K
-    if HAS_KV_LENS:
-        kv_len = tl.load(KV_LENS + b)
-    q_len = L_Q
-    if HAS_Q_LENS:
-        q_len = tl.load(Q_LENS + b)
+    bh = tl.program_id(1)  # rows of LSE / DELTA
+    b, h, q_len, kv_len = batch_head_lengths(KV_LENS, Q_LENS, H, L_Q, L_K, HAS_KV_LENS, HAS_Q_LENS)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)

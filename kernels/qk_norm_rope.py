@@ -71,22 +71,36 @@ def _load_weight_pair(W, ca, cb, col_ok, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
-def _norm_rope_fwd_kernel(X, W, COS, SIN, Y, n_rows, H, L, sx_b, sx_l, sx_h, sc_b, sc_l, ss_b, ss_l,
-                          eps, D, HALF, HAS_WEIGHT: tl.constexpr, INTERLEAVED: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+def _row_tile(n_rows, HALF, INTERLEAVED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's rows (int64), pair index i, valid columns and mask, and the pair columns."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     i = tl.arange(0, BLOCK_H)
     col_ok = i < HALF
     mask = (rows < n_rows)[:, None] & col_ok[None, :]
     ca, cb = _pair_columns(i, HALF, INTERLEAVED)
+    return rows, i, col_ok, mask, ca, cb
+
+
+@triton.jit
+def _load_cos_sin(COS, SIN, b, l_pos, i, mask, sc_b, sc_l, ss_b, ss_l):
+    """The rotation tables at each row's (batch, position), as fp32."""
+    c = tl.load(COS + (b * sc_b + l_pos * sc_l)[:, None] + i[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(SIN + (b * ss_b + l_pos * ss_l)[:, None] + i[None, :], mask=mask, other=0.0).to(tl.float32)
+    return c, s
+
+
+@triton.jit
+def _norm_rope_fwd_kernel(X, W, COS, SIN, Y, n_rows, H, L, sx_b, sx_l, sx_h, sc_b, sc_l, ss_b, ss_l,
+                          eps, D, HALF, HAS_WEIGHT: tl.constexpr, INTERLEAVED: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows, i, col_ok, mask, ca, cb = _row_tile(n_rows, HALF, INTERLEAVED, BLOCK_R, BLOCK_H)
     x_off, b, l_pos = _row_offsets(rows, H, L, sx_b, sx_l, sx_h)
     xa, xb = _load_pair(X, x_off, ca, cb, mask)
     rstd = tl.math.rsqrt((row_sum(xa * xa, 1) + row_sum(xb * xb, 1)) / D + eps)
     wa, wb = _load_weight_pair(W, ca, cb, col_ok, HAS_WEIGHT)
     ua = xa * rstd[:, None] * wa[None, :]
     ub = xb * rstd[:, None] * wb[None, :]
-    c = tl.load(COS + (b * sc_b + l_pos * sc_l)[:, None] + i[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(SIN + (b * ss_b + l_pos * ss_l)[:, None] + i[None, :], mask=mask, other=0.0).to(tl.float32)
+    c, s = _load_cos_sin(COS, SIN, b, l_pos, i, mask, sc_b, sc_l, ss_b, ss_l)
     y_off = rows * D
     tl.store(Y + y_off[:, None] + ca[None, :], (ua * c - ub * s).to(Y.dtype.element_ty), mask=mask)
     tl.store(Y + y_off[:, None] + cb[None, :], (ua * s + ub * c).to(Y.dtype.element_ty), mask=mask)
@@ -96,19 +110,14 @@ def _norm_rope_fwd_kernel(X, W, COS, SIN, Y, n_rows, H, L, sx_b, sx_l, sx_h, sc_
 def _norm_rope_bwd_kernel(X, W, COS, SIN, DY, DX, DW_PART, n_rows, H, L, sx_b, sx_l, sx_h,
                           sc_b, sc_l, ss_b, ss_l, eps, D, HALF, HAS_WEIGHT: tl.constexpr,
                           INTERLEAVED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    i = tl.arange(0, BLOCK_H)
-    col_ok = i < HALF
-    mask = (rows < n_rows)[:, None] & col_ok[None, :]
-    ca, cb = _pair_columns(i, HALF, INTERLEAVED)
+    pid = tl.program_id(0)  # row block: this program's slot of DW_PART
+    rows, i, col_ok, mask, ca, cb = _row_tile(n_rows, HALF, INTERLEAVED, BLOCK_R, BLOCK_H)
     x_off, b, l_pos = _row_offsets(rows, H, L, sx_b, sx_l, sx_h)
     xa, xb = _load_pair(X, x_off, ca, cb, mask)
     rstd = tl.math.rsqrt((row_sum(xa * xa, 1) + row_sum(xb * xb, 1)) / D + eps)
     na = xa * rstd[:, None]
     nb = xb * rstd[:, None]
-    c = tl.load(COS + (b * sc_b + l_pos * sc_l)[:, None] + i[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(SIN + (b * ss_b + l_pos * ss_l)[:, None] + i[None, :], mask=mask, other=0.0).to(tl.float32)
+    c, s = _load_cos_sin(COS, SIN, b, l_pos, i, mask, sc_b, sc_l, ss_b, ss_l)
     dya, dyb = _load_pair(DY, rows * D, ca, cb, mask)
     # Undo the rotation (its transpose), giving the gradient w.r.t. the normed, weighted x.
     ga = dya * c + dyb * s
