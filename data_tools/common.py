@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from dopsd_scale.data.format import MANIFEST, REPORT, Manifest
 
 TOOL_VERSION = "0.2.0"
+
+
+class InputError(ValueError):
+    """Input the tool cannot use at all (a malformed manifest file, a missing column); one line
+    naming the file and where."""
 
 
 class ManifestMismatch(RuntimeError):
@@ -27,8 +32,9 @@ def check_or_create_manifest(out: Path, producer: dict) -> Manifest:
     if (out / MANIFEST).is_file():
         existing = Manifest.load(out)
         if existing.producer != producer:
-            diff = sorted(k for k in set(existing.producer) | set(producer)
-                          if existing.producer.get(k) != producer.get(k))
+            diff = sorted(
+                k for k in set(existing.producer) | set(producer) if existing.producer.get(k) != producer.get(k)
+            )
             raise ManifestMismatch(
                 f"{out / MANIFEST}: the shards here were produced differently (differs in: {', '.join(diff)}); "
                 "use another output directory, or delete this one to start over"
@@ -70,5 +76,6 @@ def reason_counts(rows: Iterable[dict]) -> dict[str, dict[str, int]]:
 def format_counts(counts: dict[str, dict[str, int]]) -> str:
     if not counts:
         return "none"
-    return "; ".join(f"{action} {sum(c.values())} ({', '.join(f'{k}: {n}' for k, n in c.items())})"
-                     for action, c in counts.items())
+    return "; ".join(
+        f"{action} {sum(c.values())} ({', '.join(f'{k}: {n}' for k, n in c.items())})" for action, c in counts.items()
+    )

@@ -17,27 +17,36 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
-import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 
-from dopsd_scale.data.format import DTYPES, FORMAT_VERSION, IMAGE_EXTS, FeatureSample, encode_sample, \
-    hash_model_dir, save_val_prompts, variant_name
+from dopsd_scale.contexts import CachingEncoders, ContextItem, context_class
+from dopsd_scale.data.format import (
+    DTYPES,
+    FORMAT_VERSION,
+    IMAGE_EXTS,
+    FeatureSample,
+    encode_sample,
+    hash_model_dir,
+    save_val_prompts,
+    variant_name,
+)
 from dopsd_scale.data.shards import iter_tar_samples
-from dopsd_scale.encoders.text import PromptEncoder
-from dopsd_scale.encoders.vlm import VLMTeacherContext
+from dopsd_scale.models import get_spec
 
 from .common import TOOL_VERSION
 from .images import assign_bucket, fit_to_bucket, load_rgb
 
 log = logging.getLogger(__name__)
 WINDOW_BATCHES = 8
+REFERENCE_MEMBER = re.compile(r"^ref_(\d+)\.(jpg|jpeg|png|webp)$")
 
 
 class ShardReadError(OSError):
@@ -53,47 +62,38 @@ class Pending:
     captions: list[str]
     bucket: tuple[int, int]
     meta: dict
+    fields: list[str] = field(default_factory=list)
+    references: list[Image.Image] = field(default_factory=list)
 
 
-class Encoders:
-    """The student prompt encoder, the teacher context builder and, optionally, the VAE."""
-
-    def __init__(self, opts: dict):
-        device = opts["device"]
-        self.prompt = PromptEncoder.from_pipeline(opts["pipeline"], device=device, max_length=opts["text_max_length"])
-        self.teacher = VLMTeacherContext.from_pretrained(
-            opts["teacher_vlm"], text_encoder=self.prompt.model, text_tokenizer=self.prompt.tokenizer, device=device,
-            max_tokens=opts["vlm_max_tokens"], min_pixels=opts["vlm_min_pixels"], max_pixels=opts["vlm_max_pixels"],
-        )
-        self.vae = None
-        if opts["latents"]:
-            from diffusers import AutoencoderKL
-
-            self.vae = AutoencoderKL.from_pretrained(str(Path(opts["pipeline"]) / "vae")).to(device).eval()
-
-    @torch.no_grad()
-    def target_latents(self, images: list[Image.Image]) -> torch.Tensor:
-        pixels = torch.stack([torch.from_numpy(np.asarray(i, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
-                              for i in images])
-        dist = self.vae.encode(pixels.to(self.vae.device)).latent_dist
-        cfg = self.vae.config
-        return ((dist.mode() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor).float().cpu()
+def build_encoders(opts: dict):
+    """(model spec, the student's encoders, the teacher context) of a caching worker."""
+    spec = get_spec(opts["model_name"], opts["pipeline"])
+    prompt = spec.prompt_encoder(opts["device"], opts["text_max_length"])
+    encoders = CachingEncoders(spec=spec, prompt=prompt, options=opts)
+    context = context_class(opts["teacher_context"])(encoders, opts)
+    return spec, encoders, context
 
 
-def producer_info(opts: dict, enc: Encoders) -> dict:
+def producer_info(opts: dict, encoders: CachingEncoders, context) -> dict:
     """Everything that changes the features; a directory holds features of one producer only."""
+    pipeline = Path(opts["pipeline"])
+    text_dir = pipeline / "text_encoder"
     return {
         "kind": "features",
         "tool_version": TOOL_VERSION,
         "format_version": FORMAT_VERSION,
-        "student_encoder": {"path": Path(opts["pipeline"]).resolve().name, **enc.prompt.describe(),
-                            "hashes": hash_model_dir(Path(opts["pipeline"]) / "text_encoder")},
-        "teacher_context": {"kind": "vlm", "path": Path(opts["teacher_vlm"]).resolve().name,
-                            **enc.teacher.describe(), "hashes": hash_model_dir(opts["teacher_vlm"])},
-        "latents": opts["latents"],
+        "model": {"name": encoders.spec.name, "path": pipeline.resolve().name},
+        "student_encoder": {
+            "path": pipeline.resolve().name,
+            **encoders.prompt.describe(),
+            "hashes": hash_model_dir(text_dir) if text_dir.is_dir() else {},
+        },
+        "teacher_context": {"kind": context.name, **context.describe()},
+        "latents": encoders.latent.describe() if opts["latents"] else False,
         "buckets": [list(b) for b in opts["buckets"]],
         "dtype": opts["dtype"],
-        "feature_dim": enc.prompt.dim,
+        "feature_dim": encoders.prompt.dim,
         "shard_size": opts["shard_size"],
     }
 
@@ -119,18 +119,37 @@ def _from_image_shard(url: str, buckets: list, rows: list[dict]) -> Iterator[Pen
         if meta is None or ext is None:
             _skip(rows, key, url, reason if meta is None else "missing image member")
             continue
-        captions = [c for c in meta.get("captions", []) if isinstance(c, str) and c.strip()]
+        captions, fields = _captions(meta)
         if not captions:
             _skip(rows, key, url, "missing caption")
             continue
         try:
             image = load_rgb(raw[ext])
+            references = [load_rgb(raw[name]) for name in _reference_members(raw)]
         except Exception as err:  # PIL raises many types for bad bytes
             _skip(rows, key, url, f"unreadable image ({type(err).__name__}: {err})")
             continue
         bucket = assign_bucket(image.width, image.height, buckets)
-        yield Pending(key, image, captions, bucket, {"source_id": meta.get("source_id", key), "sha256": meta.get("sha256"),
-                                                     "caption_fields": meta.get("caption_fields")})
+        info = {"source_id": meta.get("source_id", key), "sha256": meta.get("sha256"), "caption_fields": fields}
+        yield Pending(key, image, captions, bucket, info, fields, references)
+
+
+def _captions(meta: dict) -> tuple[list[str], list[str]]:
+    """The non-empty caption variants and the names of their columns (`caption_i` when unnamed)."""
+    captions = meta.get("captions", [])
+    names = meta.get("caption_fields") or []
+    kept = [
+        (c, names[i] if i < len(names) else f"caption_{i}")
+        for i, c in enumerate(captions)
+        if isinstance(c, str) and c.strip()
+    ]
+    return [c for c, _ in kept], [n for _, n in kept]
+
+
+def _reference_members(raw: dict) -> list[str]:
+    """Extra reference images of a sample (`<key>.ref_<i>.<ext>` members), in index order."""
+    found = [(int(m.group(1)), name) for name in raw if (m := REFERENCE_MEMBER.match(name))]
+    return [name for _, name in sorted(found)]
 
 
 def _from_pairs(pairs: list, buckets: list, rows: list[dict]) -> Iterator[Pending]:
@@ -140,7 +159,14 @@ def _from_pairs(pairs: list, buckets: list, rows: list[dict]) -> Iterator[Pendin
         except Exception as err:
             _skip(rows, key, str(path), f"unreadable image ({type(err).__name__}: {err})")
             continue
-        yield Pending(key, image, [caption], assign_bucket(image.width, image.height, buckets), {"source_id": Path(path).name})
+        yield Pending(
+            key,
+            image,
+            [caption],
+            assign_bucket(image.width, image.height, buckets),
+            {"source_id": Path(path).name},
+            ["caption"],
+        )
 
 
 def _windows(items: Iterator[Pending], size: int) -> Iterator[list[Pending]]:
@@ -154,28 +180,43 @@ def _windows(items: Iterator[Pending], size: int) -> Iterator[list[Pending]]:
         yield window
 
 
+def context_item(p: Pending, teacher_only: set[str]) -> ContextItem:
+    """What the context sees: the bucket crop (the very pixels of the target latents)."""
+    student = [c for c, f in zip(p.captions, p.fields) if f not in teacher_only]
+    return ContextItem(
+        key=p.key,
+        image=fit_to_bucket(p.image, p.bucket),
+        captions=student,
+        fields=dict(zip(p.fields, p.captions)),
+        references=[fit_to_bucket(r, p.bucket) for r in p.references],
+        bucket=p.bucket,
+    )
+
+
 # ---- the worker ------------------------------------------------------------------------------------
 class ShardEncoder:
-    """Holds the encoders; turns tasks into feature shards. Ray makes actors of this class."""
+    """Holds the encoders and the teacher context; turns tasks into feature shards (Ray actors)."""
 
     def __init__(self, opts: dict):
         self.opts = opts
         if opts.get("threads"):
             torch.set_num_threads(int(opts["threads"]))
-        self.enc = Encoders(opts)
+        self.spec, self.enc, self.context = build_encoders(opts)
         self.dtype = DTYPES[opts["dtype"]]
 
     def producer(self) -> dict:
-        return producer_info(self.opts, self.enc)
+        return producer_info(self.opts, self.enc, self.context)
 
     def write_val_prompts(self, path: str, prompts: list[str]) -> None:
-        save_val_prompts(path, prompts, self.enc.prompt.encode(prompts), self.dtype)
+        save_val_prompts(path, prompts, self.enc.encode_prompts(prompts), self.dtype)
 
     def run(self, task: dict) -> dict:
         """Encode one shard; returns {name, count, rows, seconds}."""
         t0 = time.perf_counter()
         rows: list[dict] = []
         buckets = [tuple(b) for b in self.opts["buckets"]]
+        if task.get("prompts") is not None:
+            return self.run_prompts(task, t0)
         if task.get("source"):
             items = _from_image_shard(task["source"], buckets, rows)
         else:
@@ -191,59 +232,103 @@ class ShardEncoder:
         tmp.replace(out / task["name"])
         return {"name": task["name"], "count": count, "rows": rows, "seconds": time.perf_counter() - t0}
 
+    def run_prompts(self, task: dict, t0: float) -> dict:
+        """A shard of prompt-only samples (an anchor set): student features, teacher = the same prompt."""
+        out = Path(self.opts["output_dir"])
+        tmp = out / (task["name"] + ".tmp")
+        items = [
+            ContextItem(key=key, image=None, captions=captions, bucket=tuple(bucket))
+            for key, captions, bucket in task["prompts"]
+        ]
+        student = self._student_features(items)
+        teacher = self.context.encode(items, [student[i.key] for i in items])
+        with wds.TarWriter(str(tmp)) as sink:
+            for item, context in zip(items, teacher):
+                tensors = {variant_name("student", v): f for v, f in enumerate(student[item.key])}
+                meta = {
+                    "caption": item.captions[0],
+                    "captions": item.captions,
+                    "bucket": list(item.bucket),
+                    "prompt_only": True,
+                }
+                sink.write(encode_sample(FeatureSample(item.key, meta, {**tensors, **context}), self.dtype))
+        tmp.replace(out / task["name"])
+        return {"name": task["name"], "count": len(items), "rows": [], "seconds": time.perf_counter() - t0}
+
     def encode_window(self, window: list[Pending], rows: list[dict]) -> list[FeatureSample]:
-        items = [(i, v) for i, p in enumerate(window) for v in range(len(p.captions))]
-        items.sort(key=lambda iv: (window[iv[0]].bucket, len(window[iv[0]].captions[iv[1]])))
-        feats: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        size = self.opts["batch_size"]
-        for start in range(0, len(items), size):
-            feats.update(self._encode_batch(window, items[start : start + size], rows))
-        latents = self._latents(window) if self.enc.vae is not None else {}
-        failed = {i for i, _ in items if any((i, v) not in feats for v in range(len(window[i].captions)))}
+        """Feature samples of a window, in input order; a sample that fails is reported and skipped."""
+        teacher_only = self.context.teacher_only_fields()
+        items = []
+        for p in window:
+            item = context_item(p, teacher_only)
+            reason = "no caption for the student" if not item.captions else self.context.missing(item)
+            if reason:
+                _skip(rows, p.key, p.meta.get("source_id", "?"), reason)
+            else:
+                items.append((p, item))
+        student = self._student_features([item for _, item in items])
+        encoded = self._context_features(items, student, rows)
+        latents = self._latents([item for _, item, _ in encoded]) if self.opts["latents"] else {}
         samples = []
-        for i, p in enumerate(window):
-            if i in failed:
-                continue
-            tensors = {}
-            for v in range(len(p.captions)):
-                tensors[variant_name("student", v)], tensors[variant_name("teacher", v)] = feats[(i, v)]
-            if i in latents:
-                tensors["latents"] = latents[i]
-            meta = {"caption": p.captions[0], "captions": p.captions, "bucket": list(p.bucket),
-                    "width": p.image.width, "height": p.image.height, **p.meta}
+        for p, item, teacher in encoded:
+            tensors = {variant_name("student", v): f for v, f in enumerate(student[item.key])}
+            tensors.update(teacher)
+            if item.key in latents:
+                tensors["latents"] = latents[item.key]
+            meta = {
+                "caption": item.captions[0],
+                "captions": item.captions,
+                "bucket": list(p.bucket),
+                "width": p.image.width,
+                "height": p.image.height,
+                **p.meta,
+            }
             samples.append(FeatureSample(p.key, meta, tensors))
         return samples
 
-    def _encode_batch(self, window: list[Pending], batch: list[tuple[int, int]], rows: list[dict]) -> dict:
-        """Features of a batch; when the batch fails, sample by sample, skipping the failing ones."""
-        try:
-            return self._encode(window, batch)
-        except Exception as err:  # e.g. a prompt whose tokens would cut the image tokens
-            if len(batch) == 1:
-                i, v = batch[0]
-                _skip(rows, window[i].key, window[i].meta.get("source_id", "?"),
-                      f"encoder error (variant {v}: {type(err).__name__}: {err})")
-                return {}
-            out: dict = {}
-            for item in batch:
-                out.update(self._encode_batch(window, [item], rows))
-            return out
+    def _student_features(self, items: list[ContextItem]) -> dict[str, list[torch.Tensor]]:
+        """Every caption variant, in length-aware batches (sorted by bucket and caption length)."""
+        order = sorted(
+            ((j, v) for j, item in enumerate(items) for v in range(len(item.captions))),
+            key=lambda jv: (items[jv[0]].bucket, len(items[jv[0]].captions[jv[1]])),
+        )
+        feats = self.enc.encode_prompts([items[j].captions[v] for j, v in order])
+        out: dict[str, list] = {item.key: [None] * len(item.captions) for item in items}
+        for (j, v), f in zip(order, feats):
+            out[items[j].key][v] = f
+        return out
 
-    def _encode(self, window: list[Pending], batch: list[tuple[int, int]]) -> dict:
-        captions = [window[i].captions[v] for i, v in batch]
-        student = self.enc.prompt.encode(captions)
-        teacher = self.enc.teacher.encode([window[i].image for i, _ in batch], captions)
-        return {item: (s, t) for item, s, t in zip(batch, student, teacher)}
+    def _context_features(self, items: list, student: dict, rows: list[dict]) -> list:
+        """(pending, item, teacher tensors) per sample; a failing batch is retried one by one."""
+        size = self.opts["batch_size"]
+        out = []
+        for start in range(0, len(items), size):
+            chunk = items[start : start + size]
+            try:
+                tensors = self.context.encode([i for _, i in chunk], [student[i.key] for _, i in chunk])
+                out.extend((p, i, t) for (p, i), t in zip(chunk, tensors))
+            except Exception:  # e.g. a prompt whose tokens would cut the image tokens
+                for p, item in chunk:
+                    try:
+                        out.append((p, item, self.context.encode([item], [student[item.key]])[0]))
+                    except Exception as err:
+                        _skip(
+                            rows,
+                            p.key,
+                            p.meta.get("source_id", "?"),
+                            f"encoder error ({self.context.name}: {type(err).__name__}: {err})",
+                        )
+        return out
 
-    def _latents(self, window: list[Pending]) -> dict[int, torch.Tensor]:
-        by_bucket: dict[tuple[int, int], list[int]] = {}
-        for i, p in enumerate(window):
-            by_bucket.setdefault(p.bucket, []).append(i)
+    def _latents(self, items: list[ContextItem]) -> dict[str, torch.Tensor]:
+        """Target latents of the bucket crops, batched per bucket."""
+        by_bucket: dict[tuple[int, int], list[ContextItem]] = {}
+        for item in items:
+            by_bucket.setdefault(item.bucket, []).append(item)
         out = {}
         size = self.opts["batch_size"]
-        for bucket, idx in by_bucket.items():
-            for start in range(0, len(idx), size):
-                part = idx[start : start + size]
-                lat = self.enc.target_latents([fit_to_bucket(window[i].image, bucket) for i in part])
-                out.update(zip(part, lat))
+        for group in by_bucket.values():
+            for start in range(0, len(group), size):
+                part = group[start : start + size]
+                out.update(zip([i.key for i in part], self.enc.latent.encode([i.image for i in part])))
         return out

@@ -46,8 +46,9 @@ class ImageInfo:
     conversions: list[str]
 
 
-def make_buckets(area: int = 1024 * 1024, ratios: tuple[str, ...] = DEFAULT_RATIOS,
-                 multiple: int = 32) -> list[tuple[int, int]]:
+def make_buckets(
+    area: int = 1024 * 1024, ratios: tuple[str, ...] = DEFAULT_RATIOS, multiple: int = 32
+) -> list[tuple[int, int]]:
     """(H, W) buckets of about `area` pixels, sides multiples of `multiple`, one per W:H ratio."""
     buckets = []
     for ratio in ratios:

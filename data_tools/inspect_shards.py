@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -72,8 +73,13 @@ def _stats(values: list[int]) -> dict:
     if not values:
         return {}
     a = np.asarray(values)
-    return {"min": int(a.min()), "mean": round(float(a.mean()), 1), "p50": int(np.percentile(a, 50)),
-            "p95": int(np.percentile(a, 95)), "max": int(a.max())}
+    return {
+        "min": int(a.min()),
+        "mean": round(float(a.mean()), 1),
+        "p50": int(np.percentile(a, 50)),
+        "p95": int(np.percentile(a, 95)),
+        "max": int(a.max()),
+    }
 
 
 def inspect_shards(spec: str, manifest: Optional[str] = None, limit: Optional[int] = None) -> dict:
@@ -90,17 +96,23 @@ def inspect_shards(spec: str, manifest: Optional[str] = None, limit: Optional[in
         for k in lengths:
             lengths[k] += s.lengths[k]
     return {
-        "kind": kind, "shards": len(shards.urls), "scanned": len(scans), "samples": sum(len(s.keys) for s in scans),
-        "manifest_samples": shards.manifest.num_samples, "bad": sum(len(s.bad) for s in scans),
+        "kind": kind,
+        "shards": len(shards.urls),
+        "scanned": len(scans),
+        "samples": sum(len(s.keys) for s in scans),
+        "manifest_samples": shards.manifest.num_samples,
+        "bad": sum(len(s.bad) for s in scans),
         "mbytes": round(sum(s.nbytes for s in scans) / 1e6, 3),
-        "per_shard": {s.name: len(s.keys) for s in scans}, "buckets": dict(sorted(buckets.items())),
+        "per_shard": {s.name: len(s.keys) for s in scans},
+        "buckets": dict(sorted(buckets.items())),
         "caption_variants": {str(k): v for k, v in sorted(variants.items())},
         "lengths": {k: _stats(v) for k, v in lengths.items() if v},
     }
 
 
-def verify_shards(features: str, images: Optional[str] = None, manifest: Optional[str] = None,
-                  images_manifest: Optional[str] = None) -> list[str]:
+def verify_shards(
+    features: str, images: Optional[str] = None, manifest: Optional[str] = None, images_manifest: Optional[str] = None
+) -> list[str]:
     """Problems found (empty: all good); each names the shard and key."""
     feats = resolve_shards(features, manifest)
     problems: list[str] = []
@@ -123,8 +135,9 @@ def _verify_alignment(feats: ShardSet, scans: dict[str, ShardScan], images: Shar
     reported = {r["key"] for r in read_report(directory)} if directory else set()
     image_urls = {shard_name(u): u for u in images.urls}
     cached = set(feats.manifest.sources.values())
-    problems += [f"{name}: image shard not cached (no feature shard comes from it)" for name in image_urls
-                 if name not in cached]
+    problems += [
+        f"{name}: image shard not cached (no feature shard comes from it)" for name in image_urls if name not in cached
+    ]
     for feature_shard, source in sorted(feats.manifest.sources.items()):
         if source not in image_urls:
             problems.append(f"{feature_shard}: its image shard {source} is not among the image shards")
@@ -132,6 +145,8 @@ def _verify_alignment(feats: ShardSet, scans: dict[str, ShardScan], images: Shar
         image_keys = set(scan_shard(image_urls[source], "image-shards").keys)
         feature_keys = set(scans[feature_shard].keys) if feature_shard in scans else set()
         problems += [f"{feature_shard}:{k}: not in its image shard {source}" for k in sorted(feature_keys - image_keys)]
-        problems += [f"{source}:{k}: no features and no report row in {features_spec}"
-                     for k in sorted(image_keys - feature_keys - reported)]
+        problems += [
+            f"{source}:{k}: no features and no report row in {features_spec}"
+            for k in sorted(image_keys - feature_keys - reported)
+        ]
     return problems

@@ -61,6 +61,8 @@ class ShardOptions:
     """Writer processes; 0 = one per CPU core; 1 = in this process."""
     caption_columns: Optional[list[str]] = None
     image_column: Optional[str] = None
+    reference_columns: Optional[list[str]] = None
+    """Table columns naming extra reference images of a sample (stored as `ref_<i>` members)."""
     split: str = "train"
 
 
@@ -99,32 +101,73 @@ def write_shard(out: str, name: str, records: list[dict], opts: dict) -> dict:
                 rows.append({"key": rec.key, "source": rec.source_id, "action": "skipped", "reason": str(err)})
                 continue
             except Exception as err:  # a vanished file, a bad dataset row: this input only
-                rows.append({"key": rec.key, "source": rec.source_id, "action": "skipped",
-                             "reason": f"unreadable input ({type(err).__name__}: {err})"})
+                rows.append(
+                    {
+                        "key": rec.key,
+                        "source": rec.source_id,
+                        "action": "skipped",
+                        "reason": f"unreadable input ({type(err).__name__}: {err})",
+                    }
+                )
                 continue
             bucket = assign_bucket(info.width, info.height, [tuple(b) for b in opts["buckets"]])
             sha = hashlib.sha256(info.data).hexdigest()
-            meta = {"captions": rec.captions, "caption_fields": rec.fields, "source_id": rec.source_id,
-                    "width": info.width, "height": info.height, "sha256": sha, "bytes": len(info.data),
-                    "mode": info.mode, "bucket": list(bucket), "conversions": info.conversions}
-            sink.write({"__key__": rec.key, info.ext: info.data, "json": json.dumps(meta, ensure_ascii=False).encode()})
+            meta = {
+                "captions": rec.captions,
+                "caption_fields": rec.fields,
+                "source_id": rec.source_id,
+                "width": info.width,
+                "height": info.height,
+                "sha256": sha,
+                "bytes": len(info.data),
+                "mode": info.mode,
+                "bucket": list(bucket),
+                "conversions": info.conversions,
+            }
+            members = {"__key__": rec.key, info.ext: info.data}
+            members.update(_reference_members(rec, opts, rows))
+            meta["references"] = sum(1 for m in members if m.startswith("ref_"))
+            members["json"] = json.dumps(meta, ensure_ascii=False).encode()
+            sink.write(members)
             rows.append({"key": rec.key, "source": rec.source_id, "sha256": sha, "bucket": list(bucket)})
-            rows.extend({"key": rec.key, "source": rec.source_id, "action": "converted", "reason": c}
-                        for c in info.conversions)
+            rows.extend(
+                {"key": rec.key, "source": rec.source_id, "action": "converted", "reason": c} for c in info.conversions
+            )
     tmp.replace(Path(out) / name)
     return {"name": name, "rows": rows}
+
+
+def _reference_members(rec: InputRecord, opts: dict, rows: list[dict]) -> dict[str, bytes]:
+    """`ref_<i>.<ext>` members of a sample's usable reference images (a bad one is reported)."""
+    members = {}
+    for path in rec.references:
+        try:
+            info = probe_image(Path(path).read_bytes(), opts["min_side"], opts["max_aspect"])
+        except (ImageRejected, OSError) as err:
+            rows.append({"key": rec.key, "source": path, "action": "reference dropped", "reason": str(err)})
+            continue
+        members[f"ref_{len(members)}.{info.ext}"] = info.data
+    return members
 
 
 # ---- the driver -------------------------------------------------------------------------------------
 def _producer(opts: ShardOptions, listing) -> dict:
     h = hashlib.sha256()
     for r in listing.records:
-        h.update(json.dumps([r.index, r.source_id, r.captions, r.size], ensure_ascii=False).encode())
+        h.update(json.dumps([r.index, r.source_id, r.captions, r.size, r.references], ensure_ascii=False).encode())
     return {
-        "kind": "image-shards", "tool_version": TOOL_VERSION, "layout": listing.layout,
-        "input": Path(opts.input).resolve().name, "inputs_listed": len(listing.records) + len(listing.rejected),
-        "listing_sha256": h.hexdigest(), "buckets": [list(b) for b in opts.buckets], "min_side": opts.min_side,
-        "max_aspect": opts.max_aspect, "shard_size": opts.shard_size, "shard_bytes": opts.shard_bytes,
+        "kind": "image-shards",
+        "tool_version": TOOL_VERSION,
+        "layout": listing.layout,
+        "input": Path(opts.input).resolve().name,
+        "inputs_listed": len(listing.records) + len(listing.rejected),
+        "listing_sha256": h.hexdigest(),
+        "buckets": [list(b) for b in opts.buckets],
+        "min_side": opts.min_side,
+        "max_aspect": opts.max_aspect,
+        "shard_size": opts.shard_size,
+        "shard_bytes": opts.shard_bytes,
+        "reference_columns": list(opts.reference_columns or []),
     }
 
 
@@ -181,8 +224,15 @@ def deduplicate(out: Path, manifest, journal: list[dict]) -> list[dict]:
     new_rows = []
     for shard, dupes in sorted(removals.items()):
         manifest.shards[shard] = remove_from_shard(out / shard, set(dupes))
-        rows = [{"key": k, "source": kept[k].get("source", "?"), "action": "skipped",
-                 "reason": f"duplicate (same sha256 as {orig})"} for k, orig in sorted(dupes.items())]
+        rows = [
+            {
+                "key": k,
+                "source": kept[k].get("source", "?"),
+                "action": "skipped",
+                "reason": f"duplicate (same sha256 as {orig})",
+            }
+            for k, orig in sorted(dupes.items())
+        ]
         _append_journal(out, shard, rows)
         new_rows += [{"shard": shard, **r} for r in rows]
         manifest.save(out)
@@ -193,7 +243,7 @@ def make_shards(opts: ShardOptions) -> dict:
     """Run the tool; returns the summary (also written to `summary.json`)."""
     t0 = time.perf_counter()
     out = Path(opts.output_dir)
-    listing = list_inputs(opts.input, opts.caption_columns, opts.image_column, opts.split)
+    listing = list_inputs(opts.input, opts.caption_columns, opts.image_column, opts.split, opts.reference_columns)
     manifest = check_or_create_manifest(out, _producer(opts, listing))
     chunks = plan_shards(listing.records, opts.shard_size, opts.shard_bytes)
     todo = [(shard_name(i), c) for i, c in enumerate(chunks) if shard_name(i) not in manifest.shards]
@@ -227,22 +277,27 @@ def make_shards(opts: ShardOptions) -> dict:
     return _summarize(out, opts, listing, manifest, journal, len(chunks) - len(todo), time.perf_counter() - t0)
 
 
-def _summarize(out: Path, opts: ShardOptions, listing, manifest, journal: list[dict], resumed: int,
-               seconds: float) -> dict:
+def _summarize(
+    out: Path, opts: ShardOptions, listing, manifest, journal: list[dict], resumed: int, seconds: float
+) -> dict:
     report = listing.rejected + [{k: v for k, v in r.items() if k != "shard"} for r in journal if "action" in r]
     report.sort(key=lambda r: r["key"])
     write_report(out, report)
     kept = _accepted(journal)
     counts = reason_counts(report)
     summary = {
-        "inputs": len(listing.records) + len(listing.rejected), "layout": listing.layout,
-        "samples": manifest.num_samples, "shards": len(manifest.shards), "shards_resumed": resumed,
+        "inputs": len(listing.records) + len(listing.rejected),
+        "layout": listing.layout,
+        "samples": manifest.num_samples,
+        "shards": len(manifest.shards),
+        "shards_resumed": resumed,
         "skipped": sum(1 for r in report if r["action"] == "skipped"),
         "converted": len({r["key"] for r in report if r["action"] == "converted"}),
-        "reasons": counts, "buckets": dict(sorted(Counter("x".join(map(str, r["bucket"])) for r in kept.values()).items())),
-        "seconds": round(seconds, 2), "options": asdict(opts),
+        "reasons": counts,
+        "buckets": dict(sorted(Counter("x".join(map(str, r["bucket"])) for r in kept.values()).items())),
+        "seconds": round(seconds, 2),
+        "options": asdict(opts),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     log.info("make-shards: %s", format_counts(counts))
     return summary
-

@@ -15,7 +15,8 @@ large travels through Ray: tasks are shard names, results are counts and report 
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from .encode_shard import ShardEncoder
 
@@ -55,13 +56,21 @@ class LocalPool:
 class RayPool:
     """`actors` Ray actors, each holding the encoders; one GPU each when `device` is cuda."""
 
-    def __init__(self, opts: dict, actors: int, address: Optional[str] = None, retries: int = 2,
-                 object_store_mb: int = 512):
+    def __init__(
+        self, opts: dict, actors: int, address: Optional[str] = None, retries: int = 2, object_store_mb: int = 512
+    ):
         import ray
 
         if not ray.is_initialized():
-            kwargs = {} if address else {"object_store_memory": object_store_mb << 20, "include_dashboard": False,
-                                         "_node_ip_address": "127.0.0.1"}  # a private cluster: loopback only
+            kwargs = (
+                {}
+                if address
+                else {
+                    "object_store_memory": object_store_mb << 20,
+                    "include_dashboard": False,
+                    "_node_ip_address": "127.0.0.1",
+                }
+            )  # a private cluster: loopback only
             ray.init(address=address or "local", log_to_driver=False, **kwargs)
         self.ray, self.opts, self.retries = ray, opts, retries
         gpu = str(opts["device"]).startswith("cuda")

@@ -27,6 +27,8 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .common import InputError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 IMAGE_COLUMNS = ("image", "file_name", "image_path", "path", "file")
 CAPTION_COLUMNS = ("caption", "text", "prompt")
@@ -51,6 +53,8 @@ class InputRecord:
     row: int = -1
     column: str = ""
     size: int = 0
+    references: list[str] = field(default_factory=list)
+    """Extra reference images of the sample (files; `--reference-columns` of a table), in order."""
 
     @property
     def key(self) -> str:
@@ -67,15 +71,17 @@ class Listing:
 class _Lister:
     """Collects records and rejections while assigning indices in listing order."""
 
-    def __init__(self, caption_columns: Optional[list[str]]):
+    def __init__(self, caption_columns: Optional[list[str]], reference_columns: Optional[list[str]] = None):
         self.records: list[InputRecord] = []
         self.rejected: list[dict] = []
         self.caption_columns = caption_columns
+        self.reference_columns = reference_columns or []
         self.next_index = 0
 
     def reject(self, source_id: str, reason: str) -> None:
-        self.rejected.append({"key": sample_key(self.next_index), "source": source_id, "action": "skipped",
-                              "reason": reason})
+        self.rejected.append(
+            {"key": sample_key(self.next_index), "source": source_id, "action": "skipped", "reason": reason}
+        )
         self.next_index += 1
 
     def add(self, source_id: str, captions: dict[str, object], **where) -> None:
@@ -101,12 +107,14 @@ class _Lister:
         if self.caption_columns:
             missing = [c for c in self.caption_columns if c not in columns]
             if missing:
-                raise ValueError(f"{where}: no caption column {missing[0]!r} (columns: {', '.join(columns)})")
+                raise InputError(f"{where}: no caption column {missing[0]!r} (columns: {', '.join(columns)})")
             return list(self.caption_columns)
         found = [c for c in CAPTION_COLUMNS if c in columns][:1]
         if not found:
-            raise ValueError(f"{where}: no caption column (looked for {', '.join(CAPTION_COLUMNS)}); "
-                             "name them with --caption-columns")
+            raise InputError(
+                f"{where}: no caption column (looked for {', '.join(CAPTION_COLUMNS)}); "
+                "name them with --caption-columns"
+            )
         return found
 
 
@@ -165,6 +173,7 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict | str]]:
             return list(reader.fieldnames or []), [dict(r) for r in reader]
     rows: list[dict | str] = []
     columns: dict[str, None] = {}
+    first_bad: Optional[str] = None
     for n, line in enumerate(path.read_bytes().splitlines(), 1):
         if not line.strip():
             continue
@@ -178,15 +187,43 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict | str]]:
             rows.append(f"caption is not UTF-8 (line {n})")
         except ValueError as err:
             rows.append(f"malformed manifest row (line {n}: {err})")
+            first_bad = first_bad or f"line {n}: {err}"
+    if not columns and first_bad:  # not one usable row: the file itself is not JSON Lines
+        raise InputError(f"{path}: not a JSON Lines manifest (one JSON object per line); {first_bad}")
     return list(columns), rows
+
+
+def _references(row: dict, columns: list[str], base: Path, key: str, lister: _Lister) -> list[str]:
+    """The reference image files a row names (empty cells are fine; a missing file is reported)."""
+    found = []
+    for column in columns:
+        rel = row.get(column)
+        if not rel:
+            continue
+        ref = base / str(rel)
+        if ref.is_file():
+            found.append(str(ref))
+        else:
+            lister.rejected.append(
+                {
+                    "key": key,
+                    "source": str(rel),
+                    "action": "reference dropped",
+                    "reason": f"reference image not found (column {column}): {ref}",
+                }
+            )
+    return found
 
 
 def _list_table(path: Path, lister: _Lister, image_column: Optional[str]) -> None:
     columns, rows = _read_rows(path)
     image_col = image_column or next((c for c in IMAGE_COLUMNS if c in columns), None)
     if image_col is None or image_col not in columns:
-        raise ValueError(f"{path}: no image column (looked for {image_column or ', '.join(IMAGE_COLUMNS)})")
+        raise InputError(f"{path}: no image column (looked for {image_column or ', '.join(IMAGE_COLUMNS)})")
     fields = lister.caption_fields(columns, str(path))
+    missing = [c for c in lister.reference_columns if c not in columns]
+    if missing:
+        raise InputError(f"{path}: no reference column {missing[0]!r} (columns: {', '.join(columns)})")
     for n, row in enumerate(rows):
         source = f"{path.name}:{n}"
         if isinstance(row, str):
@@ -197,7 +234,10 @@ def _list_table(path: Path, lister: _Lister, image_column: Optional[str]) -> Non
         if image is None or not image.is_file():
             lister.reject(source, f"image file not found: {image}")
             continue
-        lister.add(str(rel), {c: row.get(c) for c in fields}, path=str(image), size=image.stat().st_size)
+        refs = _references(row, lister.reference_columns, path.parent, sample_key(lister.next_index), lister)
+        lister.add(
+            str(rel), {c: row.get(c) for c in fields}, path=str(image), size=image.stat().st_size, references=refs
+        )
 
 
 def _list_imagefolder(root: Path, lister: _Lister, image_column: Optional[str]) -> None:
@@ -218,13 +258,13 @@ def _list_hf_disk(root: Path, lister: _Lister, split: str) -> None:
     if (root / "dataset_dict.json").is_file():
         root = root / split
         if not (root / "state.json").is_file():
-            raise ValueError(f"{root}: no split {split!r} in this DatasetDict")
+            raise InputError(f"{root}: no split {split!r} in this DatasetDict")
     state = json.loads((root / "state.json").read_text(encoding="utf-8"))
     info = json.loads((root / "dataset_info.json").read_text(encoding="utf-8"))
     features = info.get("features", {})
     image_cols = [name for name, f in features.items() if isinstance(f, dict) and f.get("_type") == "Image"]
     if not image_cols:
-        raise ValueError(f"{root}: no column of type Image (columns: {', '.join(features)})")
+        raise InputError(f"{root}: no column of type Image (columns: {', '.join(features)})")
     fields = lister.caption_fields(list(features), str(root))
     row = 0
     for data_file in state["_data_files"]:
@@ -239,8 +279,14 @@ def _list_hf_disk(root: Path, lister: _Lister, split: str) -> None:
             if data is None and not (image and image.get("path") and Path(image["path"]).is_file()):
                 lister.reject(source_id, "image missing in the dataset row")
             else:
-                lister.add(source_id, {c: texts[c][i] for c in fields}, arrow=str(arrow), row=i,
-                           column=image_cols[0], size=len(data) if data else 0)
+                lister.add(
+                    source_id,
+                    {c: texts[c][i] for c in fields},
+                    arrow=str(arrow),
+                    row=i,
+                    column=image_cols[0],
+                    size=len(data) if data else 0,
+                )
             row += 1
 
 
@@ -248,7 +294,7 @@ def detect_layout(path: Path) -> str:
     if path.is_file():
         if path.suffix in (".jsonl", ".csv", ".parquet"):
             return "manifest"
-        raise ValueError(f"{path}: not a .jsonl, .csv or .parquet manifest")
+        raise InputError(f"{path}: not a .jsonl, .csv or .parquet manifest")
     if not path.is_dir():
         raise FileNotFoundError(f"input not found: {path}")
     if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
@@ -258,12 +304,19 @@ def detect_layout(path: Path) -> str:
     return "folder"
 
 
-def list_inputs(path: str | Path, caption_columns: Optional[list[str]] = None, image_column: Optional[str] = None,
-                split: str = "train") -> Listing:
+def list_inputs(
+    path: str | Path,
+    caption_columns: Optional[list[str]] = None,
+    image_column: Optional[str] = None,
+    split: str = "train",
+    reference_columns: Optional[list[str]] = None,
+) -> Listing:
     """Every input pair of `path` (see the module docstring for the layouts)."""
     root = Path(path)
     layout = detect_layout(root)
-    lister = _Lister(caption_columns)
+    if reference_columns and layout not in ("manifest", "imagefolder"):
+        raise InputError(f"{root}: --reference-columns needs a .jsonl/.csv/.parquet manifest or an imagefolder")
+    lister = _Lister(caption_columns, reference_columns)
     if layout == "manifest":
         _list_table(root, lister, image_column)
     elif layout == "hf-disk":
@@ -286,4 +339,3 @@ def read_image_bytes(record: InputRecord, tables: dict[str, pa.Table]) -> bytes:
     if cell.get("bytes") is not None:
         return cell["bytes"]
     return Path(cell["path"]).read_bytes()
-

@@ -18,14 +18,23 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "sdpa", "triton", "flash_attn")
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
+def resolve_backend(name: str, device: torch.device, supported: tuple[str, ...] = BACKENDS) -> str:
+    """The back-end to install; `supported` is what the model family's attention can take (our
+    Triton processor implements Z-Image's attention: FLUX.2 gets SDPA under `auto`)."""
     if name not in BACKENDS:
         raise ValueError(f"model.attention_backend={name!r}: expected one of {', '.join(BACKENDS)}")
     if name == "auto":
-        return "triton" if device.type == "cuda" and importlib.util.find_spec("triton") else "sdpa"
+        triton = device.type == "cuda" and importlib.util.find_spec("triton") and "triton" in supported
+        return "triton" if triton else "sdpa"
+    if name not in supported:
+        raise ValueError(
+            f"model.attention_backend={name!r} is not available for this model (supported: {', '.join(supported)})"
+        )
     if name == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
-        raise ValueError("model.attention_backend=flash_attn but flash-attn is not installed "
-                         "(pip install 'dopsd-scale[flash]' on a CUDA machine), or use sdpa / triton")
+        raise ValueError(
+            "model.attention_backend=flash_attn but flash-attn is not installed "
+            "(pip install 'dopsd-scale[flash]' on a CUDA machine), or use sdpa / triton"
+        )
     return name
 
 
@@ -40,8 +49,16 @@ class TritonZImageAttnProcessor:
         v = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
         if freqs_cis is not None and attn.norm_q is not None and attn.norm_k is not None:
             cos, sin = rope_from_complex(freqs_cis)
-            q, k = qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, cos.to(q.dtype), sin.to(q.dtype),
-                                eps=attn.norm_q.eps, interleaved=True)
+            q, k = qk_norm_rope(
+                q,
+                k,
+                attn.norm_q.weight,
+                attn.norm_k.weight,
+                cos.to(q.dtype),
+                sin.to(q.dtype),
+                eps=attn.norm_q.eps,
+                interleaved=True,
+            )
         else:  # no rotary table: plain norms (the kernels need both)
             q = attn.norm_q(q) if attn.norm_q is not None else q
             k = attn.norm_k(k) if attn.norm_k is not None else k

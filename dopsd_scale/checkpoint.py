@@ -1,15 +1,19 @@
-"""Sharded, resumable checkpoints with torch.distributed.checkpoint (DCP).
+"""Checkpoint directories: layout, atomic completion, rank files, RNG, keep-last-N, `latest`.
 
 Layout of `<run>/checkpoints/`:
-  step_00000100/          DCP shards of student, optimizer and teacher weights
-      .metadata, __*_*.distcp
-      rank_00000.json     this rank's step, LR schedule, data-reader position
+  step_00000100/          one checkpoint
+      ...                 the parallel strategy's tensor state (student, optimizer, teacher), in
+                          its own format: DCP shards (none / FSDP2) or DeepSpeed's checkpoint
+      rank_00000.json     this rank's step, LR schedule, data-reader position, the run's config
       rank_00000.rng.safetensors   this rank's RNG states (they differ per rank)
   latest                  name of the newest complete checkpoint (replaced atomically)
 
-A save writes `step_X.tmp/` first and renames it when every rank is done; only then does
-`latest` move. A crash mid-save therefore leaves the previous checkpoint intact and current.
-Non-tensor state lives in JSON and RNG states in safetensors: nothing here needs pickle.
+This module knows directories, not tensors: a save hands `step_X.tmp/` to `strategy.save(dir,
+async_save)` and a load hands the directory to `strategy.load(dir)`. A save writes `step_X.tmp/`
+first and renames it when every rank is done; only then does `latest` move. A crash mid-save
+therefore leaves the previous checkpoint intact and current. Non-tensor state lives in JSON and
+RNG states in safetensors: nothing here needs pickle. Reading a checkpoint's weights offline
+(export, sampling) is `dopsd_scale.consolidate`'s; `load_student_weights` is its entry point.
 """
 
 from __future__ import annotations
@@ -19,28 +23,17 @@ import logging
 import os
 import random
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
-# Single-process runs use DCP without a process group on purpose.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def _rank() -> int:
@@ -75,36 +68,6 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-# ---- weights ------------------------------------------------------------------------------
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, teacher: Optional[nn.Module]) -> dict:
-    """The tensor state DCP shards: student, optimizer and (when it owns weights) teacher."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"student": model_sd, "optimizer": optim_sd}
-    if teacher is not None:
-        state["teacher"] = get_model_state_dict(teacher)
-    return state
-
-
-def apply_training_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
-                         teacher: Optional[nn.Module]) -> None:
-    set_state_dict(model, optimizer, model_state_dict=state["student"], optim_state_dict=state["optimizer"])
-    if teacher is not None:
-        set_model_state_dict(teacher, state["teacher"])
-
-
-def dcp_save(state: dict, directory: Path, async_save: bool = False, process_group=None):
-    """Save `state` with DCP; with `async_save`, stage it in memory and return the write's future."""
-    if async_save:
-        return dcp.async_save(state, checkpoint_id=str(directory), process_group=process_group)
-    dcp.save(state, checkpoint_id=str(directory))
-    return None
-
-
-def dcp_load(state: dict, directory: Path) -> None:
-    """Fill `state` in place; DCP reshards when the world size changed since the save."""
-    dcp.load(state, checkpoint_id=str(directory))
 
 
 class Checkpointer:
@@ -186,9 +149,9 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     # ---- loading ---------------------------------------------------------------------------
-    def data_states(self, path: Path) -> list[dict]:
-        """The data-reader states of every rank that wrote the checkpoint."""
-        states = [json.loads(p.read_text(encoding="utf-8")).get("data") for p in _rank_files(path)]
+    def data_states(self, path: Path, key: str = "data") -> list[dict]:
+        """The data-reader states (`data`, or `anchor_data`) of every rank that wrote the checkpoint."""
+        states = [json.loads(p.read_text(encoding="utf-8")).get(key) for p in _rank_files(path)]
         return [s for s in states if s]
 
     def load(self, path: Path, strategy) -> dict[str, Any]:
@@ -225,18 +188,18 @@ def resolve_checkpoint(checkpoint: str | Path) -> Path:
     return path
 
 
+def run_config(path: Path) -> dict:
+    """The config the run that wrote a checkpoint recorded (in rank 0's JSON)."""
+    return json.loads((Path(path) / "rank_00000.json").read_text(encoding="utf-8")).get("config") or {}
+
+
 def load_student_weights(model: nn.Module, checkpoint: str | Path, which: str = "student") -> None:
     """Load a checkpoint's student (or teacher) weights into a plain, unsharded model on CPU.
 
-    Works for any world size and both back-ends: DCP reshards FSDP2 / single-process checkpoints,
-    DeepSpeed's own zero-to-fp32 consolidation reads ZeRO-2/3 ones.
+    Works for any world size and both back-ends, without a process group (see
+    `dopsd_scale.consolidate`); a LoRA run's adapter is merged into the model's base weights.
     """
-    path = resolve_checkpoint(checkpoint)
-    if (path / "deepspeed").is_dir():
-        from .parallel.deepspeed import load_consolidated
+    from .consolidate import load_weights
 
-        set_model_state_dict(model, load_consolidated(path, which))
-        return
-    state = {which: get_model_state_dict(model, options=StateDictOptions())}
-    dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(model, state[which])
+    path = resolve_checkpoint(checkpoint)
+    load_weights(model, path, which, run_config(path))

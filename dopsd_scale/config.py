@@ -30,11 +30,36 @@ class ModelConfig:
     path: Optional[str] = None
     """Diffusers directory: a whole pipeline (with model_index.json) or a transformer folder."""
     dtype: str = "float32"
-    """Dtype of the master weights (`float32` or `bfloat16`); compute may still autocast."""
+    """Dtype of the master weights (`float32` or `bfloat16`); compute may still autocast. With
+    `finetune=lora` the dtype of the frozen base (bfloat16 halves its memory; adapters stay fp32)."""
+    finetune: str = "full"
+    """`full` (every weight trains) or `lora` (a student adapter trains on the frozen base, the EMA
+    teacher is a second adapter; checkpoints hold adapters; see the `lora` section)."""
     gradient_checkpointing: bool = False
     """Recompute block activations in the backward pass (memory for compute)."""
     attention_backend: str = "auto"
     """`auto` (triton on CUDA, sdpa elsewhere), `sdpa`, `triton` (our kernels) or `flash_attn`."""
+    compile: bool = False
+    """torch.compile each repeated transformer block (regional: the model's `_repeated_blocks`, one
+    compiled graph shared by all blocks of a kind; student and teacher copies). Costs a compile at
+    the first steps (minutes for real models) for faster steps after; off by default."""
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 64
+    """LoRA rank r of the student and teacher adapters (the reference: 64)."""
+    alpha: float = 128.0
+    """LoRA alpha; the adapter's output is scaled by alpha / rank (the reference: 128)."""
+    dropout: float = 0.0
+    """Dropout on the student adapter's input (the teacher adapter has none). Above 0 the
+    student's on-policy roll-out becomes random too."""
+    target_modules: Optional[str] = None
+    """Regex of the module names that get adapters (peft full match); default: the model spec's
+    attention projections and MLPs of the main blocks (`lora_target_modules`)."""
+    export_merged: bool = False
+    """At export, also write a whole pipeline with the adapter merged into the base weights
+    (`<export>/merged`), beside the adapter file (`<export>/lora`)."""
 
 
 @dataclass
@@ -57,6 +82,22 @@ class DataConfig:
 
 
 @dataclass
+class AnchorConfig:
+    path: Optional[str] = None
+    """Feature shards of an anchor set (`cache-features --prompts-only`): prompts the model already
+    handles, rolled out every step beside the main batch and distilled to the EMA teacher given the
+    same text (on-policy self-distillation on prompts alone: keeps what the model knew). Unset: off."""
+    manifest: Optional[str] = None
+    """The anchor shards' manifest.json (default: the one in / beside `path`; required for `pipe:`)."""
+    batch_size: int = 0
+    """Anchor samples per rank and optimizer step (0: as many as data.batch_size)."""
+    weight: float = 1.0
+    """Weight of the anchor loss next to the main loss."""
+    val_prompts: int = 4
+    """Anchor prompts added to the validation grid (forgetting shows there during training)."""
+
+
+@dataclass
 class ObjectiveConfig:
     kind: str = "dopsd"
     """`dopsd` (on-policy self-distillation) or `sft` (flow matching on target latents)."""
@@ -66,12 +107,19 @@ class ObjectiveConfig:
     """K, the number of roll-out steps of the student during training."""
     sigmas: Optional[list[float]] = None
     """Explicit roll-out schedule sigma_0..sigma_{K-1} (sigma_K = 0 is implied); default from the spec."""
+    schedule: str = "pipeline"
+    """Default roll-out schedule (when `sigmas` is unset), per aspect bucket: `pipeline` (the model's
+    own K-step inference schedule: on-policy) or `reference` (the public reference code's; differs
+    for FLUX.2-klein only)."""
     steps: str = "all"
     """Which roll-out steps are trained: `all`, `last` or `random:N`."""
     per_step_backward: bool = True
     """Backward after each roll-out step: same gradient, 1/K of the activation memory."""
     loss_weight: float = 1.0
     """Multiplier of the distillation loss."""
+    sft_sigmas: str = "shifted"
+    """SFT only: `shifted` (continuous, through the model's time shift, as Z-Image fine-tunes sample
+    it) or `rollout` (only the roll-out schedule's noise levels)."""
 
 
 @dataclass
@@ -81,7 +129,9 @@ class TeacherConfig:
     ema_decay: float = 0.9999
     """EMA decay per optimizer step, in [0, 1]."""
     context: str = "vlm"
-    """Teacher context the feature shards hold: `vlm` (Z-Image recipe) or `edit_reference` (FLUX.2)."""
+    """Teacher context the feature shards hold (checked against their manifest at start-up): `vlm`
+    (Z-Image recipe), `edit_reference` (FLUX.2-klein), `enhanced_prompt`, `prompt`,
+    `silhouette_reference` (toy world) or a `module:Class` of your own."""
 
 
 @dataclass
@@ -185,6 +235,8 @@ class MetricsConfig:
     """Validation image width in pixels (0: the spec's default)."""
     val_seed: int = 1234
     """Seed of the fixed validation noise."""
+    val_pairs: int = 4
+    """Training samples drawn target | student | teacher in `validation/student_teacher/` (0: none)."""
     peak_tflops: float = 0.0
     """Peak dense bf16 TFLOP/s of one device for MFU (0: look the device up; unknown on CPU)."""
 
@@ -212,7 +264,9 @@ class RunConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -283,6 +337,23 @@ def _one_of(value: Any, allowed: tuple, field_name: str) -> None:
     _require(value in allowed, field_name, f"{value!r} is not one of {', '.join(map(str, allowed))}")
 
 
+def _validate_lora(cfg: Config) -> None:
+    lo = cfg.lora
+    _require(lo.rank >= 1, "lora.rank", f"must be >= 1, got {lo.rank}")
+    _require(lo.alpha > 0, "lora.alpha", f"must be > 0, got {lo.alpha}")
+    _require(0 <= lo.dropout < 1, "lora.dropout", f"must lie in [0, 1), got {lo.dropout}")
+    if lo.target_modules is not None:
+        try:
+            re.compile(lo.target_modules)
+        except re.error as err:
+            _require(False, "lora.target_modules", f"not a valid regex: {err}")
+    _require(
+        cfg.parallel.kind != "deepspeed" or cfg.parallel.zero_stage == 2,
+        "parallel.zero_stage",
+        "model.finetune=lora runs under DeepSpeed ZeRO-2 only (a LoRA adapter is small: ZeRO-3 saves nothing)",
+    )
+
+
 STEPS_PATTERN = re.compile(r"^(all|last|random:([1-9][0-9]*))$")
 
 
@@ -296,11 +367,16 @@ def validate(cfg: Config) -> None:
     _require(os.path.isdir(m.path), "model.path", f"directory not found: {m.path}")
     _one_of(m.dtype, ("float32", "bfloat16"), "model.dtype")
     _one_of(m.attention_backend, ("auto", "sdpa", "triton", "flash_attn"), "model.attention_backend")
+    _one_of(m.finetune, ("full", "lora"), "model.finetune")
+    if m.finetune == "lora":
+        _validate_lora(cfg)
     _require(cfg.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {cfg.data.batch_size}")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
     _one_of(o.kind, ("dopsd", "sft"), "objective.kind")
     _one_of(o.space, ("x0", "velocity"), "objective.space")
+    _one_of(o.sft_sigmas, ("shifted", "rollout"), "objective.sft_sigmas")
+    _one_of(o.schedule, ("pipeline", "reference"), "objective.schedule")
     _require(o.num_steps >= 1, "objective.num_steps", f"K must be >= 1, got {o.num_steps}")
     match = STEPS_PATTERN.match(o.steps)
     _require(match is not None, "objective.steps", f"{o.steps!r} is not all, last or random:N")
@@ -313,7 +389,13 @@ def validate(cfg: Config) -> None:
         _require(all(a > b for a, b in zip(s, s[1:])), "objective.sigmas", "must be strictly decreasing")
     _one_of(t.kind, ("ema", "frozen", "live"), "teacher.kind")
     _require(0.0 <= t.ema_decay <= 1.0, "teacher.ema_decay", f"must lie in [0, 1], got {t.ema_decay}")
-    _one_of(t.context, ("vlm", "edit_reference"), "teacher.context")
+    from .contexts import context_names
+
+    _require(
+        t.context in context_names() or ":" in t.context,
+        "teacher.context",
+        f"{t.context!r} is not one of {', '.join(context_names())} (or module:Class)",
+    )
     _require(opt.lr > 0, "optim.lr", f"must be > 0, got {opt.lr}")
     _require(len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas), "optim.betas", "two values in [0, 1)")
     _require(opt.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
@@ -324,6 +406,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     _require(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
     _require(cfg.metrics.val_steps >= 1, "metrics.val_steps", "must be >= 1")
+    _require(cfg.metrics.val_pairs >= 0, "metrics.val_pairs", "must be >= 0")
     _require(cfg.run.max_steps >= 0, "run.max_steps", "must be >= 0")
     _one_of(cfg.run.device, ("auto", "cpu", "cuda"), "run.device")
     _require(cfg.run.max_nonfinite_in_row >= 1, "run.max_nonfinite_in_row", "must be >= 1")
@@ -344,3 +427,12 @@ def validate(cfg: Config) -> None:
         _require(os.path.isdir(cfg.data.path), "data.path", f"directory not found: {cfg.data.path}")
     if cfg.data.manifest is not None:
         _require(os.path.isfile(cfg.data.manifest), "data.manifest", f"file not found: {cfg.data.manifest}")
+    a = cfg.anchor
+    _require(a.batch_size >= 0, "anchor.batch_size", f"must be >= 0, got {a.batch_size}")
+    _require(a.weight >= 0, "anchor.weight", f"must be >= 0, got {a.weight}")
+    _require(a.val_prompts >= 0, "anchor.val_prompts", "must be >= 0")
+    if a.path is not None:
+        if a.path.startswith("pipe:"):
+            _require(bool(a.manifest), "anchor.manifest", "missing: a pipe: anchor.path needs the manifest.json path")
+        elif not any(c in a.path for c in "*?[{"):
+            _require(os.path.isdir(a.path), "anchor.path", f"directory not found: {a.path}")

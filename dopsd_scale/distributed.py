@@ -75,6 +75,14 @@ def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise max over ranks of a small device tensor, brought to the host (one sync)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu()
+
+
 class RankPrefixFilter(logging.Filter):
     """Prefix every record with the rank so interleaved logs stay readable."""
 

@@ -41,18 +41,17 @@ class FaultInjector:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise InjectedFault(f"injected fault on rank {self.rank} at step {step}")
 
-    def maybe_poison(self, step: int, loss: float) -> float:
+    def maybe_poison(self, step: int, loss):
         """`nan` faults make the loss of `count` steps from `step` non-finite (skip-and-count path)."""
         c = self.cfg
         if c.kind == "nan" and c.rank == self.rank and c.step <= step < c.step + c.count:
-            return float("nan")
+            return loss * float("nan")
         return loss
 
     def maybe_fail_in_save(self, step: int) -> None:
         """`save` faults raise in the middle of writing a checkpoint (tests atomic saves)."""
         if self._due(step, ("save",)):
             raise InjectedFault(f"injected fault on rank {self.rank} while saving step {step}")
-
 
 
 STOP_FILE = "control/stop"
@@ -90,7 +89,7 @@ class StopRequest:
         log.warning("received signal %d: will checkpoint and stop after this step", signum)
         self.signalled = True
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         try:
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -7,7 +7,7 @@ the velocity is `v = eps - x0 = dx/dsigma`, so `x0 = x - sigma * v` and one Eule
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,14 @@ class MetricsLogger:
                 if isinstance(value, (int, float)) and key not in ("step", "time"):
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
+
+    def image(self, tag: str, image, step: int) -> None:
+        """A PIL image (e.g. a validation grid) to TensorBoard when enabled; the PNG files on disk
+        are the caller's, so without TensorBoard nothing is lost."""
+        if not self.enabled or self._tb is None:
+            return
+        self._tb.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:

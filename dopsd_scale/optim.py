@@ -35,3 +35,18 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> LambdaLR:
     return LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))
+
+
+# The schedule's lambdas and base LRs come from the config, the rest (the step count and the
+# last LRs it set) from a checkpoint: a resumed run keeps its position, and a changed optim.lr applies.
+_FROM_CONFIG = ("lr_lambdas", "base_lrs")
+
+
+def schedule_state(schedule: LambdaLR) -> dict:
+    """The schedule's position as JSON-able values (its public `state_dict()`, minus the lambdas)."""
+    return {k: v for k, v in schedule.state_dict().items() if k not in _FROM_CONFIG}
+
+
+def load_schedule_state(schedule: LambdaLR, state: dict) -> None:
+    """Restore a position saved by `schedule_state` (or an older `{"last_epoch": n}`)."""
+    schedule.load_state_dict({**schedule.state_dict(), **{k: v for k, v in state.items() if k not in _FROM_CONFIG}})

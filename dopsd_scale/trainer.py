@@ -1,4 +1,4 @@
-"""The D-OPSD trainer: small `build_*` functions, one `train_step`, and the loop around it.
+"""The D-OPSD trainer: assembled from `builders.py`, one `train_step`, and the loop around it.
 
 The trainer is written for one rank. The same object runs in a single process, under torchrun,
 and inside a Ray Train worker; the parallel strategy (none, FSDP2, DeepSpeed) decides how the
@@ -7,87 +7,54 @@ student, its optimizer and the teacher are sharded. Ray is an orchestrator, not 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .attention import apply_attention_backend, resolve_backend
+from .builders import (
+    build_anchor_data,
+    build_autocast,
+    build_data,
+    build_device,
+    build_objective,
+    build_student_and_teacher,
+    check_anchor_manifest,
+    check_feature_manifest,
+)
 from .checkpoint import Checkpointer
-from .config import Config, DataConfig, ModelConfig, ObjectiveConfig, RunConfig, save_config, to_dict
-from .data.reader import Batch, FeatureLoader, build_loader
-from .distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, configure_rank_logging, init_distributed
+from .config import Config, save_config, to_dict
+from .data.reader import Batch, FeatureLoader
+from .distributed import (
+    all_reduce_max,
+    all_reduce_max_tensor,
+    all_reduce_mean,
+    barrier,
+    configure_rank_logging,
+    init_distributed,
+)
 from .faults import FaultInjector, StopRequest
 from .flow import schedule
+from .lora import STUDENT, adapter_keys
+from .lora_files import adapter_to_peft, export_lora
 from .metrics import MetricsLogger, Throughput, device_peak_tflops
-from .models import ModelSpec, get_spec
-from .objectives import DOPSDObjective, SFTObjective
-from .objectives.dopsd import RolloutStats
-from .optim import build_lr_schedule
-from .parallel import ParallelStrategy, build_parallel
-from .teacher import Teacher
-from .validation import run_validation
+from .models import get_spec
+from .objectives.stats import RolloutStats, StepStats, mean_present, step_to_host
+from .optim import build_lr_schedule, load_schedule_state, schedule_state
+from .parallel import build_parallel
+from .validation import read_pairs, run_validation
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteAbort(RuntimeError):
     pass
-
-
-# ---- builders -----------------------------------------------------------------------------
-def build_device(cfg: RunConfig, info: DistInfo) -> torch.device:
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("run.device=cuda but no CUDA device is visible")
-        return torch.device("cuda", info.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def build_autocast(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    wants_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
-    if wants_bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def build_model(spec: ModelSpec, cfg: ModelConfig, device: torch.device) -> nn.Module:
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    model = spec.load_transformer(dtype).to(device)
-    apply_attention_backend(model, resolve_backend(cfg.attention_backend, device))
-    if cfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    return model.train()
-
-
-def build_objective(cfg: ObjectiveConfig, spec: ModelSpec):
-    sigmas = schedule(cfg.sigmas if cfg.sigmas is not None else spec.train_sigmas(cfg.num_steps))
-    if cfg.kind == "sft":
-        return SFTObjective(sigmas, weight=cfg.loss_weight)
-    return DOPSDObjective(sigmas, cfg.space, cfg.steps, cfg.per_step_backward, cfg.loss_weight)
-
-
-def build_data(cfg: DataConfig, feature_dim: int, info: DistInfo, run_dir: Path) -> FeatureLoader:
-    """This rank's reader; skipped samples are listed in `<run>/data_report.jsonl`."""
-    return build_loader(cfg.path, cfg.batch_size, feature_dim, cfg.num_workers, cfg.shuffle_buffer,
-                        cfg.seed, info.rank, info.world_size, manifest=cfg.manifest,
-                        report_path=str(run_dir / "data_report.jsonl"))
-
-
-def build_student_and_teacher(spec: ModelSpec, cfg: Config, device: torch.device,
-                              strategy: ParallelStrategy) -> Teacher:
-    """The student and teacher copies, handed to the strategy to wrap and shard together."""
-    model = build_model(spec, cfg.model, device)
-    teacher = Teacher(model, cfg.teacher.kind, cfg.teacher.ema_decay)
-    strategy.setup(model, teacher.module if teacher.owns_weights else None, spec.sharding_units(model), cfg.optim)
-    teacher.module = strategy.teacher if teacher.owns_weights else strategy.model
-    return teacher
 
 
 # ---- the trainer --------------------------------------------------------------------------
@@ -112,14 +79,26 @@ class Trainer:
         self.model, self.optimizer = self.strategy.model, self.strategy.optimizer
         self.lr_schedule = build_lr_schedule(self.optimizer, cfg.optim, cfg.run.max_steps)
         self.objective = build_objective(cfg.objective, self.spec)
-        self.feature_dim = int(self.strategy.unwrapped().config.cap_feat_dim)
+        self.feature_dim = self.spec.feature_dim(self.strategy.unwrapped())
         self.loader = build_data(cfg.data, self.feature_dim, self.info, self.run_dir)
         self.manifest = self.loader.manifest
+        check_feature_manifest(cfg, self.spec, self.manifest.producer)
+        self.anchor_loader = build_anchor_data(cfg, self.feature_dim, self.info, self.run_dir)
+        if self.anchor_loader is not None:
+            check_anchor_manifest(cfg, self.anchor_loader.manifest.producer)
+            self.anchor_objective = build_objective(cfg.objective, self.spec, anchor=True)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
         self.metrics = MetricsLogger(self.run_dir, cfg.metrics.tensorboard, enabled=self.info.is_main)
+        # a few training samples (they hold the teacher's context): student and teacher side by side
+        self.val_pairs = (
+            read_pairs(cfg.data.path, cfg.metrics.val_pairs, cfg.data.manifest)
+            if cfg.metrics.val_every >= 0 and cfg.metrics.val_pairs
+            else None
+        )
         self.throughput = Throughput()
         self.peak_tflops = device_peak_tflops(self.device, cfg.metrics.peak_tflops)
         self.faults = FaultInjector(cfg.run.fault, self.run_dir, self.rank)
+        self._sigmas: dict[tuple[int, int], torch.Tensor] = {}
         self.step = 0
         self.skipped_nonfinite = 0
         self.nonfinite_in_row = 0
@@ -132,8 +111,18 @@ class Trainer:
 
         return velocity
 
-    def _noise(self, batch: Batch) -> tuple[torch.Tensor, torch.Generator]:
-        """Per-sample noise keyed by (seed, step, global sample index).
+    def sigmas_for(self, bucket: tuple[int, int]) -> torch.Tensor:
+        """The roll-out schedule of a bucket: explicit `objective.sigmas`, else the spec's for the
+        bucket's resolution (FLUX.2-klein's shift depends on it), cached."""
+        o = self.cfg.objective
+        if bucket not in self._sigmas:
+            shape = self.spec.latent_shape(*bucket)
+            sigmas = o.sigmas if o.sigmas is not None else self.spec.train_sigmas(o.num_steps, shape, o.schedule)
+            self._sigmas[bucket] = schedule(sigmas)
+        return self._sigmas[bucket]
+
+    def _noise(self, batch: Batch, stream: int = 0) -> tuple[torch.Tensor, torch.Generator]:
+        """Per-sample noise keyed by (seed, step, stream, global sample index); stream 1 is the anchors.
 
         The noise of a sample does not depend on how samples are spread over ranks, so a run on
         2 ranks x 1 sample sees the same noise as one process with 2 samples, and a resumed run
@@ -141,26 +130,61 @@ class Trainer:
         """
         shape = self.spec.latent_shape(*batch.bucket)
         first = self.rank * len(batch)
-        base = self.cfg.run.seed * 1_000_003 + self.step * 65_537
-        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(base + first + i)) for i in range(len(batch))]
+        base = self.cfg.run.seed * 1_000_003 + self.step * 65_537 + stream * 7_919_993
+        noise = [
+            torch.randn(shape, generator=torch.Generator().manual_seed(base + first + i)) for i in range(len(batch))
+        ]
         return torch.stack(noise).to(self.device), torch.Generator().manual_seed(base)
 
-    def train_step(self, batch: Batch) -> tuple[RolloutStats, float]:
-        """Roll out, back-propagate, clip, step, update the teacher. Returns (stats, grad norm)."""
+    def accumulate_gradients(self, batch: Batch, anchor: Optional[Batch] = None) -> StepStats:
+        """Roll out the main batch (and the anchor batch) and back-propagate into the student.
+
+        The gradient is that of `loss_main + anchor.weight * loss_anchor`; each part rolls out with
+        the teacher seeing its own samples' context (the anchors': their prompt). Only the very last
+        backward of the step is marked last (deferred gradient sync happens there).
+        """
+        parts = [(batch, self.objective, 1.0)]
+        if anchor is not None:
+            parts.append((anchor, self.anchor_objective, self.cfg.anchor.weight))
+        out = []
+        for i, (part, objective, weight) in enumerate(parts):
+            final = i == len(parts) - 1
+            backward = self.strategy.backward if final else (lambda loss, last: self.strategy.backward(loss, False))
+            noise, gen = self._noise(part, stream=i)
+            student = self._velocity_fn(self.model, part.student)
+            teacher = self._velocity_fn(self.teacher.module, part.teacher)
+            out.append(
+                objective(
+                    student,
+                    teacher,
+                    noise,
+                    latents=part.latents,
+                    loss_scale=weight,
+                    generator=gen,
+                    backward=backward,
+                    sigmas=self.sigmas_for(part.bucket),
+                )
+            )
+        return StepStats(main=out[0], anchor=out[1] if anchor is not None else None)
+
+    def train_step(self, batch: Batch, anchor: Optional[Batch] = None, stop_requested: bool = False) -> StepStats:
+        """Roll out, back-propagate, clip, step, update the teacher.
+
+        The stats and grad norm stay on the device; the one host sync of the step is the flag
+        vector [non-finite, stop requested], reduced over ranks so that every rank takes the same
+        decision.
+        """
         self.strategy.zero_grad()
-        noise, gen = self._noise(batch)
-        student = self._velocity_fn(self.model, batch.student)
-        backward = self.strategy.backward
-        if isinstance(self.objective, SFTObjective):
-            stats = self.objective(student, batch.latents, noise, generator=gen, backward=backward)
-        else:
-            teacher = self._velocity_fn(self.teacher.module, batch.teacher)
-            stats = self.objective(student, teacher, noise, generator=gen, backward=backward)
-        stats.loss = self.faults.maybe_poison(self.step + 1, stats.loss)
-        grad_norm = self.strategy.clip_grad_norm(self.cfg.optim.grad_clip or float("inf"))
-        # every rank must take the same decision, so the flag is reduced
-        bad = all_reduce_max([0.0 if torch.isfinite(torch.tensor([stats.loss, grad_norm])).all() else 1.0],
-                             self.device)[0]
+        stats = self.accumulate_gradients(batch, anchor)
+        stats.main.loss = self.faults.maybe_poison(self.step + 1, stats.main.loss)
+        stats.grad_norm = torch.as_tensor(
+            self.strategy.clip_grad_norm(self.cfg.optim.grad_clip or float("inf")), device=self.device
+        )
+        finite = torch.isfinite(torch.as_tensor(stats.total_loss, device=self.device)) & torch.isfinite(stats.grad_norm)
+        flags = torch.stack(
+            [(~finite).double(), torch.tensor(float(stop_requested), device=self.device, dtype=torch.float64)]
+        )
+        bad, stats.stop = (bool(v) for v in all_reduce_max_tensor(flags).tolist())
         if bad:
             self._skip_nonfinite()
         else:
@@ -172,14 +196,15 @@ class Trainer:
             # first optimizer step was the one skipped
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.lr_schedule.step()
-        return stats, grad_norm
+        return stats
 
     def _skip_nonfinite(self) -> None:
         self.skipped_nonfinite += 1
         self.nonfinite_in_row += 1
         self.strategy.zero_grad()
-        log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
-                    self.step, self.nonfinite_in_row)
+        log.warning(
+            "step %d: non-finite loss or gradient, update skipped (%d in a row)", self.step, self.nonfinite_in_row
+        )
         if self.nonfinite_in_row >= self.cfg.run.max_nonfinite_in_row:
             raise NonFiniteAbort(
                 f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient (run.max_nonfinite_in_row="
@@ -187,12 +212,15 @@ class Trainer:
                 f"{self.checkpointer.latest()}"
             )
 
-    def step_flops(self, batch: Batch, stats: RolloutStats) -> float:
-        """Model FLOPs of the step on this rank: forward = F, forward+backward = 3F, per sample."""
+    def step_flops(self, batch: Batch, stats: RolloutStats, lengths: tuple[float, float]) -> float:
+        """Model FLOPs of one part of the step on this rank: forward = F, forward+backward = 3F, per
+        sample. `lengths`: mean student and teacher condition lengths (from the host batch)."""
         shape = self.spec.latent_shape(*batch.bucket)
         model = self.strategy.unwrapped()
-        f_s = self.spec.flops_per_forward(model, shape, int(batch.student.lengths.float().mean()))
-        f_t = self.spec.flops_per_forward(model, shape, int(batch.teacher.lengths.float().mean()))
+        ref = batch.teacher.ref_latents  # [B, R, C, h, w]: its shape is host metadata, no sync
+        ref_tokens = 0 if ref is None else ref.shape[1] * ref.shape[3] * ref.shape[4] // self.spec.ref_patch_area
+        f_s = self.spec.flops_per_forward(model, shape, int(lengths[0]))
+        f_t = self.spec.flops_per_forward(model, shape, int(lengths[1]), ref_tokens=ref_tokens)
         trained = sum(1 for v in stats.loss_per_step if v is not None)
         untrained = stats.student_forwards - trained
         return len(batch) * (3 * f_s * trained + f_s * untrained + f_t * stats.teacher_forwards)
@@ -203,13 +231,19 @@ class Trainer:
         if self.info.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         self.resume()
-        log.info("training %s from %s: steps %d..%d on %d rank(s), parallel=%s", cfg.model.name,
-                 cfg.model.path, self.step, cfg.run.max_steps, self.world_size, cfg.parallel.kind)
+        log.info(
+            "training %s from %s: steps %d..%d on %d rank(s), parallel=%s",
+            cfg.model.name,
+            cfg.model.path,
+            self.step,
+            cfg.run.max_steps,
+            self.world_size,
+            cfg.parallel.kind,
+        )
         with StopRequest(self.run_dir) as stop:
             while self.step < cfg.run.max_steps:
                 self.faults.maybe_fail(self.step + 1)
-                self._one_step()
-                if all_reduce_max([float(stop.requested)], self.device)[0]:
+                if self._one_step(stop.requested):
                     log.warning("stop requested: saving a checkpoint at step %d and exiting", self.step)
                     self.save()
                     self.checkpointer.wait()
@@ -219,22 +253,34 @@ class Trainer:
                     return
         self.finish()
 
-    def _one_step(self) -> None:
+    def _one_step(self, stop_requested: bool = False) -> bool:
+        """One optimizer step with its logging, checkpoint and validation; True when a stop was requested."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        batch = next(self.loader).to(self.device)
+        batch, lengths = self._next_batch(self.loader)
+        anchor, anchor_lengths = self._next_batch(self.anchor_loader) if self.anchor_loader else (None, None)
         wait = time.perf_counter() - t0
-        stats, grad_norm = self.train_step(batch)
+        stats = self.train_step(batch, anchor, stop_requested)
         self.step += 1
-        self.throughput.add(len(batch), self.step_flops(batch, stats), wait)
+        flops = self.step_flops(batch, stats.main, lengths)
+        if anchor is not None:
+            flops += self.step_flops(anchor, stats.anchor, anchor_lengths)
+        self.throughput.add(len(batch) + (len(anchor) if anchor is not None else 0), flops, wait)
         if self.step % cfg.metrics.log_every == 0 or self.step == cfg.run.max_steps:
-            self.log_metrics(stats, grad_norm)
+            self.log_metrics(stats)
         if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
             self.save()
         if cfg.metrics.val_every > 0 and self.step % cfg.metrics.val_every == 0:
             self.validate()
+        return stats.stop
 
-    def __enter__(self) -> "Trainer":
+    def _next_batch(self, loader: FeatureLoader) -> tuple[Batch, tuple[float, float]]:
+        """The next batch on the device, and its mean condition lengths read on the host (FLOPs)."""
+        host = next(loader)
+        lengths = (host.student.lengths.float().mean().item(), host.teacher.lengths.float().mean().item())
+        return host.to(self.device, non_blocking=True), lengths
+
+    def __enter__(self) -> Trainer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -262,12 +308,16 @@ class Trainer:
             self.export(self.run_dir / "export")
         self.metrics.close()
 
-    def log_metrics(self, stats: RolloutStats, grad_norm: float) -> None:
+    def log_metrics(self, step_stats: StepStats) -> None:
+        """The logging step's one device-to-host transfer of the step's metrics."""
+        stats, anchor, grad_norm = step_to_host(step_stats)
         local = self.throughput.report()
         loss, gap_mean, wait_mean = all_reduce_mean(
-            [stats.loss, _mean(stats.gap_per_step), local["data_wait_share"]], self.device)
-        samples, flops = (v * self.world_size for v in all_reduce_mean([local["samples_per_s"], local["tflops"]],
-                                                                         self.device))
+            [stats.loss, mean_present(stats.gap_per_step), local["data_wait_share"]], self.device
+        )
+        samples, flops = (
+            v * self.world_size for v in all_reduce_mean([local["samples_per_s"], local["tflops"]], self.device)
+        )
         record: dict[str, Any] = {
             "loss": loss,
             "grad_norm": grad_norm,
@@ -289,9 +339,14 @@ class Trainer:
                 record[f"gap_step_{k}"] = gap
         if any(g is not None for g in stats.gap_per_step):
             record["teacher_student_gap"] = gap_mean
+        if anchor is not None:
+            record["anchor_loss"], record["anchor_gap"] = all_reduce_mean(
+                [anchor.loss, mean_present(anchor.gap_per_step)], self.device
+            )
         if self.device.type == "cuda":
-            record["peak_mem_gib"] = all_reduce_max([torch.cuda.max_memory_allocated(self.device) / 2**30],
-                                                    self.device)[0]
+            record["peak_mem_gib"] = all_reduce_max(
+                [torch.cuda.max_memory_allocated(self.device) / 2**30], self.device
+            )[0]
         self.metrics.log(self.step, record)
         if self.on_log is not None:
             self.on_log(self.step, record)
@@ -301,8 +356,9 @@ class Trainer:
     def save(self) -> Path:
         extra = {
             "step": self.step,
-            "lr_schedule": {"last_epoch": self.lr_schedule.last_epoch},
+            "lr_schedule": schedule_state(self.lr_schedule),
             "data": self.loader.state_dict(),
+            "anchor_data": self.anchor_loader.state_dict() if self.anchor_loader else None,
             "skipped_nonfinite": self.skipped_nonfinite,
             "world_size": self.world_size,
             "config": to_dict(self.cfg),
@@ -318,35 +374,56 @@ class Trainer:
             return False
         extra = self.checkpointer.load(path, self.strategy)
         self.step = int(extra["step"])
-        self.lr_schedule.last_epoch = int(extra["lr_schedule"]["last_epoch"])
-        self.lr_schedule._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        load_schedule_state(self.lr_schedule, extra["lr_schedule"])
         self.skipped_nonfinite = int(extra.get("skipped_nonfinite", 0))
         # every old rank's reader state: a resume on another world size needs them all
         data_states = self.checkpointer.data_states(path)
         if data_states:
             self.loader.load_state_dict(data_states)
+        anchor_states = self.checkpointer.data_states(path, key="anchor_data")
+        if self.anchor_loader is not None and anchor_states:
+            self.anchor_loader.load_state_dict(anchor_states)
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
     # ---- validation and export -----------------------------------------------------------------
     def validate(self) -> Optional[Path]:
         """All ranks roll out (sharded forwards are collective); rank 0 decodes and saves."""
-        return run_validation(self.spec, self.model, self.cfg, self.manifest, self.device, self.autocast,
-                              self.step, self.run_dir, self.info.is_main)
+        return run_validation(
+            self.spec,
+            self.model,
+            self.cfg,
+            self.manifest,
+            self.device,
+            self.autocast,
+            self.step,
+            self.run_dir,
+            self.info.is_main,
+            pairs=self.val_pairs,
+            teacher=self.teacher.module,
+            logger=self.metrics,
+        )
 
     def export(self, out_dir: Path) -> Optional[Path]:
-        """Gather the student's full weights (collective) and write a diffusers directory on rank 0."""
-        state = self.strategy.full_state_dict()
+        """Gather the student's full weights (collective) and write a diffusers directory on rank 0.
+        LoRA mode: only the student adapter, as the family's diffusers LoRA file (`<out>/lora`)
+        and, with `lora.export_merged`, a whole pipeline with it merged (`<out>/merged`)."""
+        lora = self.cfg.lora if self.cfg.model.finetune == "lora" else None
+        state = self.strategy.full_state_dict(adapter_keys(self.strategy.unwrapped(), STUDENT) if lora else None)
         target = None
         if self.info.is_main:
-            plain = self.spec.load_transformer_from_config()
-            plain.load_state_dict(state)
-            target = self.spec.export(plain, out_dir)
+            if lora:
+                target = export_lora(
+                    self.spec,
+                    adapter_to_peft(state, STUDENT),
+                    lora.alpha / lora.rank,
+                    out_dir,
+                    merged=lora.export_merged,
+                )
+            else:
+                plain = self.spec.load_transformer_from_config()
+                plain.load_state_dict(state)
+                target = self.spec.export(plain, out_dir)
             log.info("exported %s", target)
         barrier()
         return target
-
-
-def _mean(values: list[Optional[float]]) -> float:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else 0.0

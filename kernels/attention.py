@@ -76,8 +76,9 @@ def _normalize_lengths(lens: torch.Tensor | None, batch: int, limit: int, device
     if lens is None:
         return None
     if lens.dim() != 1 or lens.shape[0] != batch or lens.is_floating_point() or lens.is_complex():
-        raise ValueError(f"{name} must be an integer tensor of shape [{batch}]; got "
-                         f"dtype={lens.dtype}, shape={tuple(lens.shape)}")
+        raise ValueError(
+            f"{name} must be an integer tensor of shape [{batch}]; got dtype={lens.dtype}, shape={tuple(lens.shape)}"
+        )
     return lens.to(device=device, dtype=torch.int32).clamp(0, limit).contiguous()
 
 
@@ -85,14 +86,15 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be 4-D [B, H, L, D]")
     if q.dtype not in SUPPORTED_DTYPES or not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one dtype of {SUPPORTED_DTYPES}; got "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"q, k, v must share one dtype of {SUPPORTED_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError("q, k, v must be on the same device")
     B, H, _, D = q.shape
     if k.shape[:2] != (B, H) or v.shape != k.shape or k.shape[3] != D:
-        raise ValueError(f"incompatible shapes q={tuple(q.shape)}, k={tuple(k.shape)}, "
-                         f"v={tuple(v.shape)}: need equal B, H, D and k.shape == v.shape")
+        raise ValueError(
+            f"incompatible shapes q={tuple(q.shape)}, k={tuple(k.shape)}, "
+            f"v={tuple(v.shape)}: need equal B, H, D and k.shape == v.shape"
+        )
     if D > MAX_HEAD_DIM:
         raise ValueError(f"head dim {D} > {MAX_HEAD_DIM} is not supported")
     check_device(q)
@@ -102,11 +104,15 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    kv_lens: torch.Tensor | None = None,
-                    key_padding_mask: torch.Tensor | None = None,
-                    scale: float | None = None,
-                    q_lens: torch.Tensor | None = None) -> torch.Tensor:
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_lens: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    q_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Non-causal attention ``softmax(q k^T * scale) v`` on [B, H, L, D] tensors.
 
     Args:
@@ -128,8 +134,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     L_K = k.shape[2]
     if key_padding_mask is not None:
         if tuple(key_padding_mask.shape) != (B, L_K):
-            raise ValueError(f"key_padding_mask must have shape [{B}, {L_K}]; "
-                             f"got {tuple(key_padding_mask.shape)}")
+            raise ValueError(f"key_padding_mask must have shape [{B}, {L_K}]; got {tuple(key_padding_mask.shape)}")
         kv_lens = lengths_from_padding_mask(key_padding_mask)
     kv_lens = _normalize_lengths(kv_lens, B, L_K, q.device, "kv_lens")
     q_lens = _normalize_lengths(q_lens, B, L_Q, q.device, "q_lens")

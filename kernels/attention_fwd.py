@@ -55,8 +55,23 @@ _FWD_CONFIGS = configs(
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, keys, kv_len, offs_d, D, qk_scale,
-                 MASK_N: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+def _attend_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_ptrs,
+    v_ptrs,
+    keys,
+    kv_len,
+    offs_d,
+    D,
+    qk_scale,
+    MASK_N: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Fold one key/value tile into the running (acc, row max m_i, row sum l_i)."""
     k = load_rows(k_ptrs, keys, kv_len, offs_d, D, MASK_N, EVEN_D)
     v = load_rows(v_ptrs, keys, kv_len, offs_d, D, MASK_N, EVEN_D)
@@ -72,16 +87,47 @@ def _attend_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, keys, kv_len, offs_d, D, qk_s
     return acc, m_new, l_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["LQ_BUCKET", "LK_BUCKET", "BLOCK_D"],
-                 prune_configs_by={"early_config_prune": prune_for_dtype})
+@triton.autotune(
+    configs=_FWD_CONFIGS,
+    key=["LQ_BUCKET", "LK_BUCKET", "BLOCK_D"],
+    prune_configs_by={"early_config_prune": prune_for_dtype},
+)
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, KV_LENS, Q_LENS,
-    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_l,
-    H, L_Q, L_K, D, qk_scale, LQ_BUCKET, LK_BUCKET,
-    HAS_KV_LENS: tl.constexpr, HAS_Q_LENS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    KV_LENS,
+    Q_LENS,
+    sq_b,
+    sq_h,
+    sq_l,
+    sk_b,
+    sk_h,
+    sk_l,
+    sv_b,
+    sv_h,
+    sv_l,
+    so_b,
+    so_h,
+    so_l,
+    H,
+    L_Q,
+    L_K,
+    D,
+    qk_scale,
+    LQ_BUCKET,
+    LK_BUCKET,
+    HAS_KV_LENS: tl.constexpr,
+    HAS_Q_LENS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)  # rows of LSE / DELTA
@@ -102,13 +148,41 @@ def _attn_fwd_kernel(
     n_end = tl.where(pid_m * BLOCK_M < q_len, kv_len, 0)
     n_full = (n_end // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_ptrs + start_n * sk_l, v_ptrs + start_n * sv_l,
-                                     start_n + offs_n, kv_len, offs_d, D, qk_scale,
-                                     False, EVEN_D, UPCAST, PREC)
+        acc, m_i, l_i = _attend_tile(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_ptrs + start_n * sk_l,
+            v_ptrs + start_n * sv_l,
+            start_n + offs_n,
+            kv_len,
+            offs_d,
+            D,
+            qk_scale,
+            False,
+            EVEN_D,
+            UPCAST,
+            PREC,
+        )
     if n_full < n_end:
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_ptrs + n_full * sk_l, v_ptrs + n_full * sv_l,
-                                     n_full + offs_n, kv_len, offs_d, D, qk_scale,
-                                     True, EVEN_D, UPCAST, PREC)
+        acc, m_i, l_i = _attend_tile(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_ptrs + n_full * sk_l,
+            v_ptrs + n_full * sv_l,
+            n_full + offs_n,
+            kv_len,
+            offs_d,
+            D,
+            qk_scale,
+            True,
+            EVEN_D,
+            UPCAST,
+            PREC,
+        )
 
     # l_i == 0 only when the row saw no key at all (kv_len == 0 or skipped tile).
     has_keys = l_i > 0.0
@@ -127,8 +201,14 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor | None,
-                      q_lens: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_lens: torch.Tensor | None,
+    q_lens: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on validated [B, H, L, D] inputs (last stride 1).
 
     Returns ``(out, lse)``: ``out`` has q's shape, dtype and strides; ``lse`` is fp32
@@ -141,13 +221,29 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens
     BLOCK_D = block_for_head_dim(D)
     grid = lambda meta: (triton.cdiv(L_Q, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse,
+        q,
+        k,
+        v,
+        out,
+        lse,
         kv_lens if kv_lens is not None else q,  # dummy pointer when absent
         q_lens if q_lens is not None else q,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        H, L_Q, L_K, D, scale * LOG2E, next_pow2(L_Q), next_pow2(L_K),
-        HAS_KV_LENS=kv_lens is not None, HAS_Q_LENS=q_lens is not None,
-        BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D,
-        UPCAST=upcast_dot_operands(q.dtype), PREC=dot_precision(q.dtype),
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(out),
+        H,
+        L_Q,
+        L_K,
+        D,
+        scale * LOG2E,
+        next_pow2(L_Q),
+        next_pow2(L_K),
+        HAS_KV_LENS=kv_lens is not None,
+        HAS_Q_LENS=q_lens is not None,
+        BLOCK_D=BLOCK_D,
+        EVEN_D=BLOCK_D == D,
+        UPCAST=upcast_dot_operands(q.dtype),
+        PREC=dot_precision(q.dtype),
     )
     return out, lse

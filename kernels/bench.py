@@ -41,7 +41,8 @@ def _package():
     # Run as a file, Python put this folder on sys.path: its modules must not shadow others.
     sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != folder]
     spec = importlib.util.spec_from_file_location(
-        "dopsd_kernels", folder / "__init__.py", submodule_search_locations=[str(folder)])
+        "dopsd_kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["dopsd_kernels"] = module
     spec.loader.exec_module(module)
@@ -69,7 +70,7 @@ def _measure(forward, tensors):
     out = forward()
     bwd = _time_ms(lambda: torch.autograd.backward(out, grad, retain_graph=True), grad_to_none=tensors)
     both = _time_ms(lambda: torch.autograd.backward(forward(), grad), grad_to_none=tensors)
-    del out
+    out = None  # frees the retained graph
     for t in tensors:
         t.grad = None
     torch.cuda.synchronize()
@@ -116,34 +117,47 @@ def _flash_attn_runner(q, k, v, lens):
     return (lambda: flash_attn_varlen_func(*packed, cu, cu, max_len, max_len)), packed
 
 
-def bench_attention(kernels, shapes) -> None:
+def bench_attention(kernels, shapes, lengths=_lengths) -> list[dict]:
+    """Print the table; return its rows (`lengths(B, L, device)`: the valid lengths per sample)."""
     from torch.nn.attention import SDPBackend
 
-    print(f"\nattention, bf16, head dim {HEAD_DIM}, non-causal, 5-20% padding per sample; "
-          "TFLOP/s on valid tokens only (bwd = 2.5 x fwd)")
+    rows = []
+
+    print(
+        f"\nattention, bf16, head dim {HEAD_DIM}, non-causal, 5-20% padding per sample; "
+        "TFLOP/s on valid tokens only (bwd = 2.5 x fwd)"
+    )
     header = f"{'backend':<28}{'shape B,H,L':>16}{'fwd':>8}{'bwd':>8}{'fwd+bwd':>9}{'ms f+b':>9}{'peak MiB':>10}"
     print(header)
     print("-" * len(header))
     for B, H, L in shapes:
         gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(B, H, L, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
-                   .requires_grad_() for _ in range(3))
-        lens = _lengths(B, L, "cuda")
+        q, k, v = (
+            torch.randn(B, H, L, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+            for _ in range(3)
+        )
+        lens = lengths(B, L, "cuda")
         keep = (torch.arange(L, device="cuda")[None, :] < lens[:, None])[:, None, None, :]
         fwd_flops = 4 * H * HEAD_DIM * float((lens.double() ** 2).sum())
         runners = [
             ("triton", lambda: kernels.flash_attention(q, k, v, kv_lens=lens), (q, k, v)),
             ("triton+q_lens", lambda: kernels.flash_attention(q, k, v, kv_lens=lens, q_lens=lens), (q, k, v)),
         ]
-        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
+        for backend in (
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.CUDNN_ATTENTION,
+            SDPBackend.MATH,
+        ):
             name = f"sdpa-{backend.name.lower().replace('_attention', '')}"
             if backend == SDPBackend.MATH and B * H * L * L * 4 > MATH_LIMIT_BYTES:
                 print(f"{name:<28}{f'{B},{H},{L}':>16}  skipped (scores too large)")
+                rows.append({"backend": name, "shape": [B, H, L], "note": "skipped (scores too large)"})
                 continue
             fn, note = _sdpa_runner(backend, q, k, v, keep)
             if fn is None:
                 print(f"{name:<28}{f'{B},{H},{L}':>16}  not available")
+                rows.append({"backend": name, "shape": [B, H, L], "note": "not available"})
                 continue
             runners.append((name + note, fn, (q, k, v)))
         fa, packed = _flash_attn_runner(q, k, v, lens)
@@ -152,9 +166,24 @@ def bench_attention(kernels, shapes) -> None:
         for name, fn, tensors in runners:
             fwd, bwd, both, peak = _measure(fn, tensors)
             tf = lambda flops, ms: flops / ms / 1e9  # noqa: E731
-            print(f"{name:<28}{f'{B},{H},{L}':>16}{tf(fwd_flops, fwd):>8.0f}{tf(2.5 * fwd_flops, bwd):>8.0f}"
-                  f"{tf(3.5 * fwd_flops, both):>9.0f}{both:>9.2f}{peak:>10.0f}")
+            print(
+                f"{name:<28}{f'{B},{H},{L}':>16}{tf(fwd_flops, fwd):>8.0f}{tf(2.5 * fwd_flops, bwd):>8.0f}"
+                f"{tf(3.5 * fwd_flops, both):>9.0f}{both:>9.2f}{peak:>10.0f}"
+            )
+            rows.append(
+                {
+                    "backend": name,
+                    "shape": [B, H, L],
+                    "valid_lengths": lens.tolist(),
+                    "fwd_tflops": tf(fwd_flops, fwd),
+                    "bwd_tflops": tf(2.5 * fwd_flops, bwd),
+                    "fwd_bwd_tflops": tf(3.5 * fwd_flops, both),
+                    "fwd_bwd_ms": both,
+                    "peak_mib": peak,
+                }
+            )
         print()
+    return rows
 
 
 def _eager_norm_rope(reference, x, weight, cos, sin):
@@ -164,8 +193,10 @@ def _eager_norm_rope(reference, x, weight, cos, sin):
 
 def bench_norm_rope(kernels, shapes) -> None:
     reference = kernels.reference
-    print("qk-norm-rope (one tensor), bf16, interleaved; GB/s of compulsory traffic "
-          "(fwd: read x + write y; fwd+bwd adds read x, dy + write dx)")
+    print(
+        "qk-norm-rope (one tensor), bf16, interleaved; GB/s of compulsory traffic "
+        "(fwd: read x + write y; fwd+bwd adds read x, dy + write dx)"
+    )
     header = f"{'impl':<12}{'shape B,L,H,D':>20}{'fwd GB/s':>10}{'f+b GB/s':>10}{'fwd ms':>9}{'f+b ms':>9}"
     print(header)
     print("-" * len(header))
@@ -176,14 +207,18 @@ def bench_norm_rope(kernels, shapes) -> None:
         cos, sin = angles.cos(), angles.sin()
         grad = torch.randn_like(x)
         nbytes = x.numel() * x.element_size()
-        impls = [("triton", lambda: kernels.norm_rope(x, weight, cos, sin, 1e-6)),
-                 ("torch eager", lambda: _eager_norm_rope(reference, x, weight, cos, sin))]
+        impls = [
+            ("triton", lambda: kernels.norm_rope(x, weight, cos, sin, 1e-6)),
+            ("torch eager", lambda: _eager_norm_rope(reference, x, weight, cos, sin)),
+        ]
         for name, fn in impls:
             torch.autograd.backward(fn(), grad)
             fwd = _time_ms(fn)
             both = _time_ms(lambda: torch.autograd.backward(fn(), grad), grad_to_none=[x, weight])
-            print(f"{name:<12}{f'{B},{L},{H},{HEAD_DIM}':>20}{2 * nbytes / fwd / 1e6:>10.0f}"
-                  f"{5 * nbytes / both / 1e6:>10.0f}{fwd:>9.3f}{both:>9.3f}")
+            print(
+                f"{name:<12}{f'{B},{L},{H},{HEAD_DIM}':>20}{2 * nbytes / fwd / 1e6:>10.0f}"
+                f"{5 * nbytes / both / 1e6:>10.0f}{fwd:>9.3f}{both:>9.3f}"
+            )
     print()
 
 
@@ -206,13 +241,16 @@ def cpu_smoke(kernels) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="two shapes only")
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="without CUDA: run a tiny shape in the Triton interpreter")
+    parser.add_argument(
+        "--cpu-smoke", action="store_true", help="without CUDA: run a tiny shape in the Triton interpreter"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         if not args.cpu_smoke:
-            print("dopsd_kernels.bench: no CUDA device; nothing to benchmark "
-                  "(use --cpu-smoke for a tiny interpreter run).")
+            print(
+                "dopsd_kernels.bench: no CUDA device; nothing to benchmark "
+                "(use --cpu-smoke for a tiny interpreter run)."
+            )
             return 0
         if __package__ and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             # Under -m the package (and triton) was imported before main(): too late to

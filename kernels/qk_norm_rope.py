@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ._runtime import SUPPORTED_DTYPES, check_device, next_pow2, row_sum
 from .reference import norm_rope_reference
@@ -90,9 +90,30 @@ def _load_cos_sin(COS, SIN, b, l_pos, i, mask, sc_b, sc_l, ss_b, ss_l):
 
 
 @triton.jit
-def _norm_rope_fwd_kernel(X, W, COS, SIN, Y, n_rows, H, L, sx_b, sx_l, sx_h, sc_b, sc_l, ss_b, ss_l,
-                          eps, D, HALF, HAS_WEIGHT: tl.constexpr, INTERLEAVED: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+def _norm_rope_fwd_kernel(
+    X,
+    W,
+    COS,
+    SIN,
+    Y,
+    n_rows,
+    H,
+    L,
+    sx_b,
+    sx_l,
+    sx_h,
+    sc_b,
+    sc_l,
+    ss_b,
+    ss_l,
+    eps,
+    D,
+    HALF,
+    HAS_WEIGHT: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     rows, i, col_ok, mask, ca, cb = _row_tile(n_rows, HALF, INTERLEAVED, BLOCK_R, BLOCK_H)
     x_off, b, l_pos = _row_offsets(rows, H, L, sx_b, sx_l, sx_h)
     xa, xb = _load_pair(X, x_off, ca, cb, mask)
@@ -107,9 +128,32 @@ def _norm_rope_fwd_kernel(X, W, COS, SIN, Y, n_rows, H, L, sx_b, sx_l, sx_h, sc_
 
 
 @triton.jit
-def _norm_rope_bwd_kernel(X, W, COS, SIN, DY, DX, DW_PART, n_rows, H, L, sx_b, sx_l, sx_h,
-                          sc_b, sc_l, ss_b, ss_l, eps, D, HALF, HAS_WEIGHT: tl.constexpr,
-                          INTERLEAVED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+def _norm_rope_bwd_kernel(
+    X,
+    W,
+    COS,
+    SIN,
+    DY,
+    DX,
+    DW_PART,
+    n_rows,
+    H,
+    L,
+    sx_b,
+    sx_l,
+    sx_h,
+    sc_b,
+    sc_l,
+    ss_b,
+    ss_l,
+    eps,
+    D,
+    HALF,
+    HAS_WEIGHT: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     pid = tl.program_id(0)  # row block: this program's slot of DW_PART
     rows, i, col_ok, mask, ca, cb = _row_tile(n_rows, HALF, INTERLEAVED, BLOCK_R, BLOCK_H)
     x_off, b, l_pos = _row_offsets(rows, H, L, sx_b, sx_l, sx_h)
@@ -150,16 +194,35 @@ def _table_strides(t: torch.Tensor) -> tuple[int, int]:
 
 def _args(x, cos, sin, eps):
     B, L, H, D = x.shape
-    return (B * L * H, H, L, x.stride(0), x.stride(1), x.stride(2),
-            *_table_strides(cos), *_table_strides(sin), eps, D, D // 2)
+    return (
+        B * L * H,
+        H,
+        L,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        *_table_strides(cos),
+        *_table_strides(sin),
+        eps,
+        D,
+        D // 2,
+    )
 
 
 def _norm_rope_forward(x, weight, cos, sin, eps, interleaved):
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     n_rows, block_r, block_h = _launch_shape(x)
     _norm_rope_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
-        x, weight if weight is not None else x, cos, sin, y, *_args(x, cos, sin, eps),
-        HAS_WEIGHT=weight is not None, INTERLEAVED=interleaved, BLOCK_R=block_r, BLOCK_H=block_h,
+        x,
+        weight if weight is not None else x,
+        cos,
+        sin,
+        y,
+        *_args(x, cos, sin, eps),
+        HAS_WEIGHT=weight is not None,
+        INTERLEAVED=interleaved,
+        BLOCK_R=block_r,
+        BLOCK_H=block_h,
         num_warps=4,
     )
     return y
@@ -173,8 +236,18 @@ def _norm_rope_backward(dy, x, weight, cos, sin, eps, interleaved):
     D = x.shape[-1]
     dw_part = torch.empty((n_prog, D), device=x.device, dtype=torch.float32) if weight is not None else dx
     _norm_rope_bwd_kernel[(n_prog,)](
-        x, weight if weight is not None else x, cos, sin, dy, dx, dw_part, *_args(x, cos, sin, eps),
-        HAS_WEIGHT=weight is not None, INTERLEAVED=interleaved, BLOCK_R=block_r, BLOCK_H=block_h,
+        x,
+        weight if weight is not None else x,
+        cos,
+        sin,
+        dy,
+        dx,
+        dw_part,
+        *_args(x, cos, sin, eps),
+        HAS_WEIGHT=weight is not None,
+        INTERLEAVED=interleaved,
+        BLOCK_R=block_r,
+        BLOCK_H=block_h,
         num_warps=4,
     )
     # Per-program partial sums reduced here: deterministic, no atomics.
@@ -206,16 +279,21 @@ def _prepare_table(t: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
     if t.dim() == 2:
         t = t[None]
     if t.dim() != 3 or t.shape[0] not in (1, B) or t.shape[1] != L or t.shape[2] != D // 2:
-        raise ValueError(f"{name} must be [1 or {B}, {L}, {D // 2}] (or [{L}, {D // 2}]); "
-                         f"got {tuple(t.shape)}")
+        raise ValueError(f"{name} must be [1 or {B}, {L}, {D // 2}] (or [{L}, {D // 2}]); got {tuple(t.shape)}")
     if t.is_complex():
         raise ValueError(f"{name} is complex: convert with rope_from_complex first")
     t = t.to(x.device)
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-              eps: float = 1e-6, interleaved: bool = True) -> torch.Tensor:
+def norm_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float = 1e-6,
+    interleaved: bool = True,
+) -> torch.Tensor:
     """RMSNorm over the head dim (times ``weight`` [D]) then RoPE, for x [B, L, H, D].
 
     Returns a contiguous tensor of x's shape and dtype. Differentiable in x and weight.
@@ -236,17 +314,23 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, s
     return NormRopeFunction.apply(x, weight, cos, sin, float(eps), bool(interleaved))
 
 
-def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None,
-                 k_weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                 eps: float = 1e-6, interleaved: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float = 1e-6,
+    interleaved: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``norm_rope`` on q and on k with their own norm weights and shared cos/sin.
 
     For Flux2's double-stream blocks (text and image tokens normed with different weights,
     then concatenated, then rotated) call ``norm_rope`` per part with the matching slice
     of cos/sin and concatenate the results.
     """
-    return (norm_rope(q, q_weight, cos, sin, eps, interleaved),
-            norm_rope(k, k_weight, cos, sin, eps, interleaved))
+    return (norm_rope(q, q_weight, cos, sin, eps, interleaved), norm_rope(k, k_weight, cos, sin, eps, interleaved))
 
 
 def rope_from_complex(freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

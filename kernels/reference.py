@@ -20,11 +20,15 @@ def _length_mask(lens: torch.Tensor | None, batch: int, length: int, device) -> 
     return positions[None, :] < lens.to(device).long().clamp(0, length)[:, None]
 
 
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        kv_lens: torch.Tensor | None = None,
-                        key_padding_mask: torch.Tensor | None = None,
-                        scale: float | None = None,
-                        q_lens: torch.Tensor | None = None) -> torch.Tensor:
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_lens: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    q_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Reference for ``flash_attention`` on [B, H, L, D], computed in the inputs' dtype.
 
     Unlike the kernel it accepts any key-padding mask (not only prefixes). Rows without a
@@ -72,15 +76,30 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interl
     return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
 
 
-def norm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                        eps: float = 1e-6, interleaved: bool = True) -> torch.Tensor:
+def norm_rope_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float = 1e-6,
+    interleaved: bool = True,
+) -> torch.Tensor:
     """RMSNorm (learnable weight) then rotary embedding, as the DiT attention blocks do."""
     return rope_reference(rms_norm_reference(x, weight, eps), cos, sin, interleaved)
 
 
-def qk_norm_rope_reference(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None,
-                           k_weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                           eps: float = 1e-6, interleaved: bool = True):
+def qk_norm_rope_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float = 1e-6,
+    interleaved: bool = True,
+):
     """Reference for ``qk_norm_rope``: (norm_rope(q), norm_rope(k))."""
-    return (norm_rope_reference(q, q_weight, cos, sin, eps, interleaved),
-            norm_rope_reference(k, k_weight, cos, sin, eps, interleaved))
+    return (
+        norm_rope_reference(q, q_weight, cos, sin, eps, interleaved),
+        norm_rope_reference(k, k_weight, cos, sin, eps, interleaved),
+    )

@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# The main job on the built-in tiny default, end to end on CPU:
-# tiny models -> synthetic pairs -> image shards -> feature shards -> D-OPSD training -> sample grid -> export.
+# The main job on the built-in tiny default: teach the shipped toy base a concept it never saw
+# ("zorp", a 5-point star) from 8 images with D-OPSD, through the project's real path, on CPU:
+# pairs -> make-shards -> cache-features -> precheck -> dopsd train -> sample -> eval + before/after report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-OUT=runs
-dopsd make-debug-models "$OUT/assets"
-dopsd make-synthetic-pairs "$OUT/pairs" --count 48
-dopsd make-shards --input "$OUT/pairs" --output "$OUT/images" \
-  --buckets 32x32,32x48,48x32 --shard-size 16 --min-side 16
-dopsd cache-features --input "$OUT/images" --output "$OUT/features" \
-  --pipeline "$OUT/assets/zimage" --teacher-vlm "$OUT/assets/teacher_vlm" \
-  --latents --vlm-min-pixels 1024 --vlm-max-pixels 4096
-dopsd verify "$OUT/features" --images "$OUT/images"
-dopsd train --config launch/configs/debug_zimage.yaml "$@"
-dopsd sample --model "$OUT/debug/export" --out "$OUT/debug/samples" --height 32 --width 32 \
-  --prompt "a red circle on a blue background" --prompt "a yellow triangle on a black background"
-dopsd export --model "$OUT/assets/zimage" --checkpoint "$OUT/debug/checkpoints" --out "$OUT/debug/export_from_checkpoint"
-echo "done: run directory $OUT/debug (config.yaml, metrics.jsonl, checkpoints/, validation/, export/, samples/)"
+export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+OUT=runs/toyworld
+BASE=dopsd_scale/toyworld/assets/base
+rm -rf "$OUT"   # a fresh run each time
+dopsd toyworld make-data --out "$OUT"                      # 8 star images -> image shards -> feature shards
+dopsd precheck --model "$BASE" --data "$OUT/features" --out "$OUT/precheck"   # is the teacher better? (GOOD)
+dopsd train --config launch/configs/toyworld.yaml "$@"     # 200 D-OPSD steps, EMA teacher
+dopsd sample --model "$OUT/dopsd/export" --out "$OUT/dopsd/samples" \
+  --prompt "a cyan zorp on a gray background" --prompt "a pink zorp on a black background" \
+  --prompt "a red circle on a white background"
+dopsd eval --base "$BASE" --tuned dopsd="$OUT/dopsd/export" --concept-prompts "$OUT/concept_prompts.txt" \
+  --general-prompts "$OUT/general_prompts.txt" --targets "$OUT/pairs" --seeds 0,1,2 --out "$OUT/eval"
+dopsd toyworld compare --tuned "$OUT/dopsd/export" --out "$OUT/report"
+echo "done: $OUT/report/before_after_concept.png and summary.md (the three headline numbers, base vs tuned),"
+echo "      $OUT/eval/report.html, $OUT/precheck/precheck_grid.png, and the run in $OUT/dopsd"

@@ -38,8 +38,11 @@ def main() -> int:
     args = parser.parse_args()
     deadline = time.time() + args.timeout
     if not wait_for_port(args.address, deadline):
-        print(f"error: after {args.timeout:g}s nothing listens at {args.address}: the Ray head did not come up; "
-              "see the ray-head-*.log file of this job", file=sys.stderr)
+        print(
+            f"error: after {args.timeout:g}s nothing listens at {args.address}: the Ray head did not come up; "
+            "see the ray-head-*.log file of this job",
+            file=sys.stderr,
+        )
         return 1
     ray.init(address=args.address, logging_level="ERROR")
     next_progress = time.time() + PROGRESS_EVERY_S
@@ -51,8 +54,11 @@ def main() -> int:
             print(f"ray cluster ready: {len(nodes)} node(s), {gpus:g} GPU(s)", flush=True)
             return 0
         if time.time() > deadline:
-            print(f"error: after {args.timeout:g}s the Ray cluster at {args.address} has {state}; "
-                  "see the ray-*.log files of this job", file=sys.stderr)
+            print(
+                f"error: after {args.timeout:g}s the Ray cluster at {args.address} has {state}; "
+                "see the ray-*.log files of this job",
+                file=sys.stderr,
+            )
             return 1
         if time.time() > next_progress:
             print(f"waiting for the Ray cluster: {state}", flush=True)

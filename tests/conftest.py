@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Passive OpenMP waiting (read when torch loads): a test and the torchrun ranks or pipelines it
+# starts would otherwise spin against each other on 2 cores and run 10-20x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Without a GPU the Triton kernels run in the interpreter, which must be chosen before triton
 # is first imported (some tests build models with the triton attention backend).
@@ -17,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dopsd_data_tools.cache_features import CacheOptions, cache_features
 from dopsd_data_tools.synthetic import make_synthetic_pairs
+
 from dopsd_scale.config import load_config
 from dopsd_scale.models.debug_assets import make_debug_models
 
@@ -35,9 +38,16 @@ def debug_models(tmp_path_factory) -> dict[str, Path]:
 
 def debug_cache_options(pairs: Path, out: Path, models: dict[str, Path], **kw) -> CacheOptions:
     return CacheOptions(
-        input_dir=str(pairs), output_dir=str(out), pipeline=str(models["pipeline"]),
-        teacher_vlm=str(models["teacher_vlm"]), buckets=list(DEBUG_BUCKETS), shard_size=4,
-        latents=True, vlm_min_pixels=32 * 32, vlm_max_pixels=64 * 64, **kw,
+        input_dir=str(pairs),
+        output_dir=str(out),
+        pipeline=str(models["pipeline"]),
+        teacher_vlm=str(models["teacher_vlm"]),
+        buckets=list(DEBUG_BUCKETS),
+        shard_size=4,
+        latents=True,
+        vlm_min_pixels=32 * 32,
+        vlm_max_pixels=64 * 64,
+        **kw,
     )
 
 
@@ -49,6 +59,42 @@ def features(tmp_path_factory, debug_models) -> Path:
     out = root / "features"
     cache_features(debug_cache_options(pairs, out, debug_models))
     return out
+
+
+ANCHOR_PROMPTS = [
+    "a red circle on a blue background",
+    "a green square on a white background",
+    "a yellow triangle on a black background",
+    "a purple circle on an orange background",
+    "a blue square on a yellow background",
+    "an orange triangle on a green background",
+    "a white circle on a red background",
+    "a black square on a purple background",
+]
+
+
+def cache_anchor_set(root: Path, models: dict[str, Path], prompts: list[str], shard_size: int = 2) -> Path:
+    """Prompt-only samples (an anchor set) of the debug pipeline: `cache-features --prompts-only`."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "anchors.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    out = root / "anchors"
+    cache_features(
+        CacheOptions(
+            input_dir=str(root / "anchors.txt"),
+            output_dir=str(out),
+            pipeline=str(models["pipeline"]),
+            prompts_only=True,
+            buckets=[(32, 32)],
+            shard_size=shard_size,
+        )
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def anchor_features(tmp_path_factory, debug_models) -> Path:
+    """8 anchor prompts in 4 shards (prompt-only samples, `prompt` context)."""
+    return cache_anchor_set(tmp_path_factory.mktemp("anchors"), debug_models, ANCHOR_PROMPTS)
 
 
 @pytest.fixture
@@ -72,8 +118,15 @@ def _seed():
     torch.manual_seed(0)
 
 
-def write_feature_shards(out: Path, num_shards: int = 8, per_shard: int = 5, dim: int = 8, variants: int = 1,
-                         buckets=((32, 32), (32, 48)), seed: int = 0) -> Path:
+def write_feature_shards(
+    out: Path,
+    num_shards: int = 8,
+    per_shard: int = 5,
+    dim: int = 8,
+    variants: int = 1,
+    buckets=((32, 32), (32, 48)),
+    seed: int = 0,
+) -> Path:
     """Small random feature shards + manifest, no encoders (for reader tests): sample i of the
     whole set has key f"{i:06d}", bucket buckets[i % len(buckets)], student length 1 + i % 5."""
     import webdataset as wds
@@ -90,10 +143,15 @@ def write_feature_shards(out: Path, num_shards: int = 8, per_shard: int = 5, dim
                 i = s * per_shard + j
                 tensors = {}
                 for v in range(variants):
-                    tensors[variant_name("student", v)] = torch.full((1 + i % 5, dim), float(v)) + torch.randn(1 + i % 5, dim, generator=gen)
+                    tensors[variant_name("student", v)] = torch.full((1 + i % 5, dim), float(v)) + torch.randn(
+                        1 + i % 5, dim, generator=gen
+                    )
                     tensors[variant_name("teacher", v)] = torch.full((2 + i % 3, dim), float(v))
-                meta = {"caption": f"c{i}", "captions": [f"c{i}/{v}" for v in range(variants)],
-                        "bucket": list(buckets[i % len(buckets)])}
+                meta = {
+                    "caption": f"c{i}",
+                    "captions": [f"c{i}/{v}" for v in range(variants)],
+                    "bucket": list(buckets[i % len(buckets)]),
+                }
                 sink.write(encode_sample(FeatureSample(f"{i:06d}", meta, tensors), torch.float32))
         manifest.shards[name] = per_shard
     manifest.save(out)

@@ -56,13 +56,20 @@ def test_triton_processor_matches_sdpa_forward_and_backward(debug_models):
 def test_training_with_triton_gives_the_same_losses_as_sdpa(make_config):
     losses = {}
     for backend in ("sdpa", "triton"):
-        cfg = make_config("objective.num_steps=1", "objective.sigmas=[1.0]", "run.max_steps=3",
-                          f"model.attention_backend={backend}", "metrics.val_every=-1",
-                          "checkpoint.save_final=false", "checkpoint.export_final=false", "checkpoint.resume=none")
+        cfg = make_config(
+            "objective.num_steps=1",
+            "objective.sigmas=[1.0]",
+            "run.max_steps=3",
+            f"model.attention_backend={backend}",
+            "metrics.val_every=-1",
+            "checkpoint.save_final=false",
+            "checkpoint.export_final=false",
+            "checkpoint.resume=none",
+        )
         trainer = Trainer(cfg)
         losses[backend] = []
         for _ in range(3):
-            stats, _ = trainer.train_step(next(trainer.loader))
+            stats = trainer.train_step(next(trainer.loader)).main
             trainer.step += 1
-            losses[backend].append(stats.loss)
+            losses[backend].append(float(stats.loss))
     assert losses["triton"] == pytest.approx(losses["sdpa"], rel=1e-3)

@@ -54,8 +54,17 @@ def test_missing_or_broken_file(tmp_path):
 
 
 def test_cli_wrong_config_is_one_line_error(debug_models, features, tmp_path):
-    cmd = [sys.executable, "-m", "dopsd_scale.cli", "train", "--config", str(DEBUG_CONFIG),
-           f"model.path={debug_models['pipeline']}", f"data.path={features}", "teacher.ema_decay=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dopsd_scale.cli",
+        "train",
+        "--config",
+        str(DEBUG_CONFIG),
+        f"model.path={debug_models['pipeline']}",
+        f"data.path={features}",
+        "teacher.ema_decay=2",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]

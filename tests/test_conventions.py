@@ -12,6 +12,7 @@ from torch import nn
 
 from dopsd_scale.flow import euler_rollout, schedule, shift_sigmas
 from dopsd_scale.models import Condition, get_spec
+from dopsd_scale.models.zimage import REFERENCE_TRAIN_SIGMAS
 from dopsd_scale.validation import sample_latents
 
 
@@ -28,7 +29,7 @@ class PointMassField(nn.Module):
         super().__init__()
         self.anchor = nn.Parameter(torch.zeros(()))  # gives the wrapper a dtype to read
 
-    def forward(self, x, t, cap_feats, return_dict=False):
+    def forward(self, x, t, cap_feats, return_dict=False, **kwargs):
         out = []
         for xi, ti, ci in zip(x, t, cap_feats):
             x0 = ci.mean()  # padding would change the mean
@@ -87,15 +88,40 @@ def test_inference_sigmas_match_the_pipeline_scheduler(debug_models):
     torch.testing.assert_close(torch.tensor(ours), shift_sigmas(torch.linspace(1, 1 / 8, 8), 3.0), atol=1e-6, rtol=0)
 
 
+def test_default_training_schedule_is_the_pipelines_own(debug_models):
+    """K roll-out steps of training are K-step inference: K=4 is the reference code's list (every
+    other sigma of the 8-step schedule), and any other K stays on the shifted schedule too."""
+    spec = get_spec("zimage", debug_models["pipeline"])
+    shape = spec.latent_shape(32, 32)
+    torch.testing.assert_close(
+        torch.tensor(spec.train_sigmas(4)), torch.tensor(REFERENCE_TRAIN_SIGMAS), atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(
+        torch.tensor(spec.train_sigmas(4)), torch.tensor(spec.inference_sigmas(8, shape)[::2]), atol=1e-6, rtol=0
+    )
+    for k in (1, 2, 3, 6, 8):
+        expected = shift_sigmas(torch.linspace(1, 1 / k, k, dtype=torch.float64), 3.0)
+        torch.testing.assert_close(torch.tensor(spec.train_sigmas(k), dtype=torch.float64), expected, atol=1e-6, rtol=0)
+
+
 def test_student_sampler_equals_zimage_pipeline(debug_models):
     """Our few-step sampler (sign, time, schedule, packing) reproduces ZImagePipeline's latents."""
     spec = get_spec("zimage", debug_models["pipeline"])
     pipe = ZImagePipeline.from_pretrained(str(debug_models["pipeline"]))
-    embeds = pipe.encode_prompt(["a red circle on a blue background", "a green square"], do_classifier_free_guidance=False)[0]
+    embeds = pipe.encode_prompt(
+        ["a red circle on a blue background", "a green square"], do_classifier_free_guidance=False
+    )[0]
     shape = spec.latent_shape(32, 48)
     noise = torch.randn((2, *shape), generator=torch.Generator().manual_seed(5))
-    ref = pipe(prompt_embeds=embeds, height=32, width=48, num_inference_steps=8, guidance_scale=0.0,
-               latents=noise.clone(), output_type="latent").images
+    ref = pipe(
+        prompt_embeds=embeds,
+        height=32,
+        width=48,
+        num_inference_steps=8,
+        guidance_scale=0.0,
+        latents=noise.clone(),
+        output_type="latent",
+    ).images
     ours = sample_latents(spec, pipe.transformer, embeds, 32, 48, 8, seed=5, device=torch.device("cpu"))
     assert ref.shape == ours.shape == (2, *shape)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)

@@ -24,20 +24,28 @@ def _rollout_distance(trainer: Trainer, batch, noise) -> float:
 
 
 def test_dopsd_moves_the_student_rollout_onto_the_teacher(make_config):
-    cfg = make_config("teacher.kind=ema", "teacher.ema_decay=0.999", "optim.lr=3e-4", "optim.warmup_steps=10",
-                      f"run.max_steps={STEPS}")
+    cfg = make_config(
+        "teacher.kind=ema",
+        "teacher.ema_decay=0.999",
+        "optim.lr=3e-4",
+        "optim.warmup_steps=10",
+        f"run.max_steps={STEPS}",
+    )
     trainer = Trainer(cfg)
     batch = next(trainer.loader)
-    noise = torch.randn((len(batch), *trainer.spec.latent_shape(*batch.bucket)),
-                        generator=torch.Generator().manual_seed(99))
+    noise = torch.randn(
+        (len(batch), *trainer.spec.latent_shape(*batch.bucket)), generator=torch.Generator().manual_seed(99)
+    )
     before = _rollout_distance(trainer, batch, noise)
     losses = []
     for _ in range(STEPS):
-        stats, _ = trainer.train_step(batch)
+        stats = trainer.train_step(batch).main
         trainer.step += 1
-        losses.append(stats.loss)
+        losses.append(float(stats.loss))
     after = _rollout_distance(trainer, batch, noise)
-    print(f"student-teacher roll-out MSE {before:.3e} -> {after:.3e} ({before / after:.1f}x); "
-          f"loss {losses[0]:.3e} -> {losses[-1]:.3e}")
+    print(
+        f"student-teacher roll-out MSE {before:.3e} -> {after:.3e} ({before / after:.1f}x); "
+        f"loss {losses[0]:.3e} -> {losses[-1]:.3e}"
+    )
     assert after * FACTOR < before
     assert sum(losses[-10:]) * FACTOR < sum(losses[:10])

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from dopsd_data_tools.cache_features import ManifestMismatch, assign_bucket, cache_features
+from dopsd_data_tools.cache_features import ManifestMismatch, cache_features
+from dopsd_data_tools.images import assign_bucket
 from dopsd_data_tools.synthetic import make_synthetic_pairs
+
 from dopsd_scale.data.format import FeatureSample, Manifest, decode_sample, encode_sample, load_val_prompts
 from dopsd_scale.data.reader import build_loader
 
@@ -23,8 +24,11 @@ DIM = 32
 
 
 def test_sample_round_trip_has_no_pickle():
-    sample = FeatureSample("k1", {"caption": "ü", "bucket": [32, 48]},
-                           {"student": torch.randn(5, DIM), "teacher": torch.randn(9, DIM), "latents": torch.randn(4, 16, 24)})
+    sample = FeatureSample(
+        "k1",
+        {"caption": "ü", "bucket": [32, 48]},
+        {"student": torch.randn(5, DIM), "teacher": torch.randn(9, DIM), "latents": torch.randn(4, 16, 24)},
+    )
     raw = encode_sample(sample, torch.float32)
     assert set(raw) == {"__key__", "json", "safetensors"}
     back = decode_sample(raw)

@@ -56,7 +56,7 @@ def test_per_step_backward_equals_one_backward_of_the_sum(setup, space):
         obj = DOPSDObjective(schedule([1.0, 0.9, 0.75, 0.5]), space=space, per_step_backward=per_step)
         stats = obj(*_fns(spec, model, teacher, sc, tc), noise)
         grads.append(_grads(model))
-        losses.append(stats.loss_per_step)
+        losses.append([float(v) for v in stats.loss_per_step])
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
@@ -145,9 +145,44 @@ def test_ema_arithmetic(setup):
 def test_sft_regresses_the_flow_matching_velocity(setup):
     spec, model, sc, _, noise = setup
     latents = torch.randn_like(noise)
-    obj = SFTObjective(schedule([1.0, 0.5]))
+    obj = SFTObjective(schedule([1.0, 0.5]), sampling="rollout")
     model.zero_grad(set_to_none=True)
-    stats = obj(lambda x, s: spec.velocity(model, x, s, sc), latents, noise, generator=torch.Generator().manual_seed(0))
+    stats = obj(
+        lambda x, s: spec.velocity(model, x, s, sc),
+        None,
+        noise,
+        latents=latents,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert stats.loss > 0 and any(p.grad is not None for p in model.parameters())
     with pytest.raises(ValueError, match="latents"):
         obj(lambda x, s: x, None, noise)
+
+
+def test_sft_samples_the_shifted_continuous_schedule(setup):
+    """`shifted` trains every noise level the 8-step sampler visits (Z-Image-Turbo's last is ~0.3),
+    with the model's time shift; `rollout` only the roll-out schedule's levels (never below 0.5)."""
+    spec, *_ = setup
+    gen = torch.Generator().manual_seed(0)
+    shifted = SFTObjective(schedule([1.0, 0.9, 0.75, 0.5]), shift=spec.shifted_sigmas).sample_sigmas(4000, gen)
+    rollout = SFTObjective(schedule([1.0, 0.9, 0.75, 0.5]), sampling="rollout").sample_sigmas(4000, gen)
+    assert set(rollout.tolist()) == {1.0, 0.8999999761581421, 0.75, 0.5}
+    assert float(shifted.min()) < 0.3 and float(shifted.max()) <= 1.0 and len(set(shifted.tolist())) > 3000
+    # shift 3: P(sigma < 0.5) = P(u < 1/4)
+    assert float((shifted < 0.5).float().mean()) == pytest.approx(0.25, abs=0.03)
+
+
+def test_bf16_student_keeps_a_float32_ema_teacher_that_moves(setup):
+    """A 1e-4 lerp is below bf16 resolution: the teacher's own copy is float32 whatever the student's."""
+    _, model, *_ = setup
+    student = copy.deepcopy(model).to(torch.bfloat16)
+    teacher = Teacher(student, kind="ema", decay=0.9999)
+    assert all(p.dtype == torch.float32 for p in teacher.module.parameters())
+    before = [p.clone() for p in teacher.module.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05)
+    for _ in range(3):
+        teacher.update(student)
+    moved = [float((a - b).abs().max()) for a, b in zip(before, teacher.module.parameters())]
+    assert min(moved) > 1e-5  # 3 updates of 1e-4 * 0.05 each

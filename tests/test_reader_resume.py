@@ -22,8 +22,16 @@ def shards(tmp_path_factory):
 
 
 def loader_for(shards, rank=0, world=1, workers=0, batch_size=1, seed=3):
-    return build_loader(str(shards), batch_size=batch_size, feature_dim=DIM, num_workers=workers, shuffle_buffer=4,
-                        seed=seed, rank=rank, world_size=world)
+    return build_loader(
+        str(shards),
+        batch_size=batch_size,
+        feature_dim=DIM,
+        num_workers=workers,
+        shuffle_buffer=4,
+        seed=seed,
+        rank=rank,
+        world_size=world,
+    )
 
 
 def take(loader, n):

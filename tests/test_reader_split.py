@@ -46,8 +46,16 @@ def test_two_ranks_two_workers_cover_every_sample_once_per_epoch(shards):
     for epoch in (0, 1):
         keys = Counter()
         for rank in range(2):
-            loader = build_loader(str(shards), batch_size=1, feature_dim=DIM, num_workers=2, shuffle_buffer=4,
-                                  seed=7, rank=rank, world_size=2)
+            loader = build_loader(
+                str(shards),
+                batch_size=1,
+                feature_dim=DIM,
+                num_workers=2,
+                shuffle_buffer=4,
+                seed=7,
+                rank=rank,
+                world_size=2,
+            )
             keys.update(k for b in epochs(loader, 2, epoch)[epoch] for k in b.keys)
         assert len(keys) == 40 and set(keys.values()) == {1}, f"epoch {epoch}"
 
@@ -113,7 +121,9 @@ def _rewrite_member(shard, index, data: bytes):
 def test_bad_samples_are_skipped_counted_and_reported(shards, tmp_path):
     data = tmp_path / "feats"
     shutil.copytree(shards, data)
-    wide = FeatureSample("000001", {"bucket": [32, 48]}, {"student": torch.zeros(2, DIM + 1), "teacher": torch.zeros(2, DIM + 1)})
+    wide = FeatureSample(
+        "000001", {"bucket": [32, 48]}, {"student": torch.zeros(2, DIM + 1), "teacher": torch.zeros(2, DIM + 1)}
+    )
     _rewrite_member(data / "features-000000.tar", 3, encode_sample(wide)["safetensors"])  # key 000001: width 9
     _rewrite_member(data / "features-000000.tar", 5, b"garbage")  # key 000002: corrupt tar member
     with tarfile.open(data / "features-000001.tar") as tar:

@@ -27,8 +27,15 @@ def _config(run_dir, debug_models, features, *overrides):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, debug_models, features):
     run_dir = tmp_path_factory.mktemp("run") / "debug"
-    cfg = _config(run_dir, debug_models, features, "run.max_steps=12", "checkpoint.every_steps=6",
-                  "metrics.log_every=4", "metrics.val_every=6")
+    cfg = _config(
+        run_dir,
+        debug_models,
+        features,
+        "run.max_steps=12",
+        "checkpoint.every_steps=6",
+        "metrics.log_every=4",
+        "metrics.val_every=6",
+    )
     trainer = Trainer(cfg)
     trainer.fit()
     return trainer, run_dir
@@ -39,8 +46,17 @@ def test_run_directory_holds_everything(trained):
     assert (run / "config.yaml").is_file()
     records = read_metrics(run)
     assert [r["step"] for r in records] == [4, 8, 12]
-    for key in ("loss", "grad_norm", "lr", "samples_per_s", "tflops", "teacher_student_gap", "data_wait_share",
-                *[f"loss_step_{k}" for k in range(4)], *[f"gap_step_{k}" for k in range(4)]):
+    for key in (
+        "loss",
+        "grad_norm",
+        "lr",
+        "samples_per_s",
+        "tflops",
+        "teacher_student_gap",
+        "data_wait_share",
+        *[f"loss_step_{k}" for k in range(4)],
+        *[f"gap_step_{k}" for k in range(4)],
+    ):
         assert key in records[-1], key
     assert records[-1]["tflops"] > 0 and "mfu" not in records[-1]  # no known peak on CPU
     latest = (run / "checkpoints" / "latest").read_text().strip()
@@ -59,7 +75,9 @@ def test_export_loads_in_diffusers_and_matches_the_trained_model(trained):
     cond = Condition(feats, torch.tensor([[True] * 7, [True] * 4 + [False] * 3]))
     sigma = torch.tensor([0.8, 0.3])
     with torch.no_grad():
-        torch.testing.assert_close(spec.velocity(exported, x, sigma, cond), spec.velocity(trainer.model, x, sigma, cond))
+        torch.testing.assert_close(
+            spec.velocity(exported, x, sigma, cond), spec.velocity(trainer.model, x, sigma, cond)
+        )
     base = ZImageTransformer2DModel.from_pretrained(str(trainer.spec.transformer_dir))
     changed = [n for (n, p), q in zip(exported.named_parameters(), base.parameters()) if not torch.equal(p, q)]
     assert len(changed) > 10  # training really changed the weights
@@ -68,8 +86,14 @@ def test_export_loads_in_diffusers_and_matches_the_trained_model(trained):
 def test_exported_pipeline_runs_in_stock_zimage_pipeline(trained):
     _, run = trained
     pipe = ZImagePipeline.from_pretrained(str(run / "export"))
-    out = pipe("a red circle on a blue background", height=32, width=32, num_inference_steps=8, guidance_scale=0.0,
-               generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        "a red circle on a blue background",
+        height=32,
+        width=32,
+        num_inference_steps=8,
+        guidance_scale=0.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     image = out.images[0]
     assert image.size == (32, 32)
 
@@ -77,25 +101,63 @@ def test_exported_pipeline_runs_in_stock_zimage_pipeline(trained):
 def test_cli_sample_and_export_from_checkpoint(trained, debug_models, tmp_path):
     _, run = trained
     samples = tmp_path / "samples"
-    cmd = [sys.executable, "-m", "dopsd_scale.cli", "sample", "--model", str(debug_models["pipeline"]),
-           "--checkpoint", str(run / "checkpoints"), "--prompt", "a red circle", "--prompt", "a blue square",
-           "--out", str(samples), "--height", "32", "--width", "48"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dopsd_scale.cli",
+        "sample",
+        "--model",
+        str(debug_models["pipeline"]),
+        "--checkpoint",
+        str(run / "checkpoints"),
+        "--prompt",
+        "a red circle",
+        "--prompt",
+        "a blue square",
+        "--out",
+        str(samples),
+        "--height",
+        "32",
+        "--width",
+        "48",
+    ]
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=300)
     assert sorted(p.name for p in samples.glob("*.png")) == ["grid.png", "sample_000.png", "sample_001.png"]
     out = tmp_path / "exported"
-    cmd = [sys.executable, "-m", "dopsd_scale.cli", "export", "--model", str(debug_models["pipeline"]),
-           "--checkpoint", str(run / "checkpoints" / "step_00000012"), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dopsd_scale.cli",
+        "export",
+        "--model",
+        str(debug_models["pipeline"]),
+        "--checkpoint",
+        str(run / "checkpoints" / "step_00000012"),
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=300)
     ours = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
     final = load_file(str(run / "export" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert ours.keys() == final.keys() and all(torch.equal(ours[k], final[k]) for k in ours)
 
 
-@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
-def test_resume_continues_the_same_run_bitwise(tmp_path, debug_models, features, async_save):
-    common = ["metrics.log_every=1", "metrics.val_every=-1", "checkpoint.export_final=false",
-              "metrics.tensorboard=false", "run.deterministic=true", "data.shuffle_buffer=8",
-              f"checkpoint.async_save={str(async_save).lower()}", "checkpoint.every_steps=2"]
+@pytest.mark.parametrize(
+    "async_save,anchored", [(False, False), (True, False), (False, True)], ids=["sync", "async", "anchored"]
+)
+def test_resume_continues_the_same_run_bitwise(tmp_path, debug_models, features, anchor_features, async_save, anchored):
+    common = [
+        "metrics.log_every=1",
+        "metrics.val_every=-1",
+        "checkpoint.export_final=false",
+        "metrics.tensorboard=false",
+        "run.deterministic=true",
+        "data.shuffle_buffer=8",
+        f"checkpoint.async_save={str(async_save).lower()}",
+        "checkpoint.every_steps=2",
+    ]
+    if anchored:  # two streams, each with its own resumable position
+        common += [f"anchor.path={anchor_features}", "anchor.batch_size=1"]
     straight = tmp_path / "straight"
     Trainer(_config(straight, debug_models, features, "run.max_steps=8", *common)).fit()
     resumed = tmp_path / "resumed"
@@ -108,6 +170,8 @@ def test_resume_continues_the_same_run_bitwise(tmp_path, debug_models, features,
     for step in range(5, 9):
         assert a[step]["loss"] == b[step]["loss"], step
         assert a[step]["grad_norm"] == b[step]["grad_norm"], step
+        assert a[step].get("anchor_loss") == b[step].get("anchor_loss"), step
+    assert ("anchor_loss" in a[8]) == anchored
     weights = []
     for run in (straight, resumed):
         model = trainer.spec.load_transformer()
@@ -119,8 +183,16 @@ def test_resume_continues_the_same_run_bitwise(tmp_path, debug_models, features,
 def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, debug_models, features, monkeypatch):
     import torch.distributed.checkpoint as dcp
 
-    cfg = _config(tmp_path / "run", debug_models, features, "run.max_steps=2", "checkpoint.every_steps=1",
-                  "metrics.val_every=-1", "checkpoint.export_final=false", "metrics.tensorboard=false")
+    cfg = _config(
+        tmp_path / "run",
+        debug_models,
+        features,
+        "run.max_steps=2",
+        "checkpoint.every_steps=1",
+        "metrics.val_every=-1",
+        "checkpoint.export_final=false",
+        "metrics.tensorboard=false",
+    )
     trainer = Trainer(cfg)
     real_save = dcp.save
     calls = {"n": 0}

@@ -11,8 +11,13 @@ from dopsd_scale.config import OptimConfig
 from dopsd_scale.optim import lr_factor
 from dopsd_scale.trainer import Trainer
 
-QUIET = ["metrics.val_every=-1", "checkpoint.save_final=false", "checkpoint.export_final=false",
-         "checkpoint.resume=none", "checkpoint.every_steps=0"]
+QUIET = [
+    "metrics.val_every=-1",
+    "checkpoint.save_final=false",
+    "checkpoint.export_final=false",
+    "checkpoint.resume=none",
+    "checkpoint.every_steps=0",
+]
 
 
 def _first_step_grads(cfg):
@@ -40,7 +45,8 @@ def test_bf16_autocast_trains(make_config):
 def test_sft_baseline_trains(make_config):
     trainer = Trainer(make_config(*QUIET, "objective.kind=sft", "run.max_steps=3"))
     batch = next(trainer.loader)
-    stats, grad_norm = trainer.train_step(batch)
+    step = trainer.train_step(batch)
+    stats, grad_norm = step.main, float(step.grad_norm)
     assert stats.loss > 0 and math.isfinite(grad_norm) and stats.teacher_forwards == 0
 
 

@@ -24,14 +24,16 @@ import glob
 import hashlib
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
+import numpy
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as st_save
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -84,7 +86,7 @@ def pick_variant(seed: int, epoch: int, key: str, count: int) -> int:
     """The caption variant a sample shows in an epoch: stable across runs, processes and layouts."""
     if count <= 1:
         return 0
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % count  # (not crc32: linear, its parity ignores the epoch)
 
 
@@ -107,7 +109,8 @@ def _parse_members(raw: dict[str, Any], read: Callable[[bytes], Any]) -> tuple[s
     if missing:
         raise FeatureFormatError(f"{where}: missing member(s) {', '.join(missing)}")
     try:
-        return where, json.loads(raw["json"]), read(bytes(raw["safetensors"]))
+        blob = raw["safetensors"]  # bytes, or a member of a local tar read on demand (shards.TarMember)
+        return where, json.loads(raw["json"]), read(bytes(blob) if isinstance(blob, (bytearray, memoryview)) else blob)
     except Exception as err:  # corrupt bytes fail in many ways
         raise FeatureFormatError(f"{where}: unreadable sample ({type(err).__name__}: {err})") from None
 
@@ -121,9 +124,15 @@ def decode_sample(raw: dict[str, Any]) -> FeatureSample:
 
 def check_raw_sample(raw: dict[str, Any], width: Optional[int] = None) -> tuple[dict, dict[str, list[int]]]:
     """(metadata, tensor shapes) of raw tar members, checked without decoding the tensors."""
-    where, meta, shapes = _parse_members(raw, safetensors_shapes)
-    check_feature_shapes(where, meta, shapes, width)
-    return meta, shapes
+    meta, tensors = check_stored_sample(raw, width)
+    return meta, {name: list(t.shape) for name, t in tensors.items()}
+
+
+def check_stored_sample(raw: dict[str, Any], width: Optional[int] = None) -> tuple[dict, dict[str, StoredTensor]]:
+    """(metadata, tensors located but not read) of raw tar members, checked from the header alone."""
+    where, meta, tensors = _parse_members(raw, stored_tensors)
+    check_feature_shapes(where, meta, {name: list(t.shape) for name, t in tensors.items()}, width)
+    return meta, tensors
 
 
 def check_feature_shapes(where: str, meta: dict, shapes: dict[str, list[int]], width: Optional[int] = None) -> None:
@@ -142,23 +151,119 @@ def check_feature_shapes(where: str, meta: dict, shapes: dict[str, list[int]], w
                 raise FeatureFormatError(f"{where}: '{name}' width {shapes[name][1]}, the model expects {width}")
 
 
-def safetensors_shapes(blob: bytes) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors blob's header, without decoding the tensors.
+ST_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+"""safetensors dtype names the reader can place in a batch."""
 
-    The reader checks every sample this way before batching (a bad sample never breaks a
-    batch) and decodes only the samples it yields, so replaying a stream on resume is cheap.
+
+def safetensors_header(blob) -> tuple[int, dict[str, dict]]:
+    """(offset of the data, header entries) of a safetensors blob, checked without reading the data.
+
+    `blob` is bytes or anything sliceable with a length (a `shards.TarMember` reads only the
+    header). The reader checks every sample this way before batching (a bad sample never breaks
+    a batch: dtypes, shapes and byte ranges must agree) and reads only the samples it yields, so
+    replaying a stream on resume is cheap.
     """
     if len(blob) < 8:
         raise ValueError("shorter than a safetensors header")
-    (n,) = struct.unpack("<Q", blob[:8])
+    head = blob[: min(len(blob), 1 << 12)]  # one read covers most headers
+    (n,) = struct.unpack("<Q", head[:8])
     if n > len(blob) - 8:
         raise ValueError(f"header length {n} exceeds the blob ({len(blob)} bytes)")
-    header = json.loads(blob[8 : 8 + n])
+    header = json.loads(head[8 : 8 + n] if 8 + n <= len(head) else blob[8 : 8 + n])
     header.pop("__metadata__", None)
     end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
     if 8 + n + end != len(blob):
         raise ValueError(f"data ends at {8 + n + end}, blob has {len(blob)} bytes (truncated?)")
-    return {name: [int(d) for d in v["shape"]] for name, v in header.items()}
+    for name, v in header.items():
+        _check_entry(name, v)
+    return 8 + n, header
+
+
+def _check_entry(name: str, entry: dict) -> None:
+    """A header entry whose dtype is known and whose byte range holds exactly its shape."""
+    if entry.get("dtype") not in ST_DTYPES:
+        raise ValueError(f"tensor {name!r}: unsupported dtype {entry.get('dtype')!r}")
+    lo, hi = (int(o) for o in entry["data_offsets"])
+    count = 1
+    for d in entry["shape"]:
+        count *= int(d)
+    if lo < 0 or hi - lo != count * ST_DTYPES[entry["dtype"]].itemsize:
+        raise ValueError(f"tensor {name!r}: bytes {lo}..{hi} do not hold {entry['dtype']} {entry['shape']}")
+
+
+def safetensors_shapes(blob) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors blob's header, without decoding the tensors."""
+    return {name: [int(d) for d in v["shape"]] for name, v in safetensors_header(blob)[1].items()}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a safetensors blob, located by its header but not read.
+
+    The reader keeps these in its shuffle buffer and copies each one straight into its row of
+    the padded batch: one copy from the page cache (a local tar member) or from the bytes of a
+    streamed one, with no intermediate tensor, and nothing read for what a batch does not use
+    (the caption variants not shown this epoch).
+    """
+
+    blob: Any = field(repr=False)
+    """bytes, or a `shards.TarMember` (has `readinto(buffer, start)`)."""
+    start: int
+    end: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def copy_into(self, dest: torch.Tensor) -> None:
+        """Write the tensor into `dest` (same shape; cast when its dtype differs)."""
+        if tuple(dest.shape) != self.shape:
+            raise ValueError(f"a stored {list(self.shape)} tensor cannot fill a {list(dest.shape)} one")
+        if dest.dtype == self.dtype and dest.is_contiguous():
+            self._read(_byte_view(dest))
+        else:
+            dest.copy_(self.load())
+
+    def load(self) -> torch.Tensor:
+        """The tensor on its own (a copy of the bytes, in the stored dtype)."""
+        out = torch.empty(self.shape, dtype=self.dtype)
+        self._read(_byte_view(out))
+        return out
+
+    def _read(self, view: numpy.ndarray) -> None:
+        if hasattr(self.blob, "readinto"):
+            self.blob.readinto(view, self.start)
+        else:
+            view[:] = numpy.frombuffer(self.blob, numpy.uint8, self.end - self.start, self.start)
+
+
+def _byte_view(t: torch.Tensor) -> numpy.ndarray:
+    """The bytes of a contiguous tensor, writable (numpy: no torch dispatch per copy)."""
+    return t.view(-1).view(torch.uint8).numpy()
+
+
+def stored_tensors(blob) -> dict[str, StoredTensor]:
+    """Every tensor of a safetensors blob, located (see `StoredTensor`)."""
+    base, header = safetensors_header(blob)
+    return {
+        name: StoredTensor(
+            blob,
+            base + int(v["data_offsets"][0]),
+            base + int(v["data_offsets"][1]),
+            ST_DTYPES[v["dtype"]],
+            tuple(int(d) for d in v["shape"]),
+        )
+        for name, v in header.items()
+    }
 
 
 # ---- manifest -------------------------------------------------------------------------------
@@ -196,15 +301,19 @@ class Manifest:
         tmp.replace(path)  # atomic: a reader never sees half a manifest
 
     @classmethod
-    def load(cls, location: str | Path) -> "Manifest":
+    def load(cls, location: str | Path) -> Manifest:
         """From a shard directory, a manifest file, or a local glob/brace shard pattern."""
         path = manifest_path(location)
         if not path.is_file():
             raise FeatureFormatError(f"{path}: no manifest (is this a shard directory?)")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(producer=data["producer"], shards=data["shards"], format_version=data["format_version"],
-                       sources=data.get("sources", {}))
+            return cls(
+                producer=data["producer"],
+                shards=data["shards"],
+                format_version=data["format_version"],
+                sources=data.get("sources", {}),
+            )
         except (json.JSONDecodeError, KeyError) as err:
             raise FeatureFormatError(f"{path}: malformed manifest ({err})") from None
 
@@ -271,4 +380,3 @@ def find_val_prompts(data_dir: Optional[str], explicit: Optional[str]) -> Option
     except FeatureFormatError:  # a pipe: spec: only an explicit file can be used
         return None
     return candidate if candidate.is_file() else None
-

@@ -48,7 +48,7 @@ class Plan:
         return {"epoch": self.epoch, "shards": list(self.shards)}
 
     @classmethod
-    def from_json(cls, data: Optional[dict]) -> Optional["Plan"]:
+    def from_json(cls, data: Optional[dict]) -> Optional[Plan]:
         return None if not data else cls(int(data["epoch"]), list(data["shards"]))
 
 
@@ -95,8 +95,12 @@ def elastic_plan(states: list[dict], names: list[str]) -> Plan:
             positions[int(st["rank"]) + world * int(w)] = (int(pos["epoch"]), list(pos["done"]))
     if sorted(int(s["rank"]) for s in states) != list(range(world)):
         epoch = min((e for e, _ in positions.values()), default=start)
-        log.warning("resume on another layout with the positions of %d of %d ranks: epoch %d restarts",
-                    len(states), world, epoch)
+        log.warning(
+            "resume on another layout with the positions of %d of %d ranks: epoch %d restarts",
+            len(states),
+            world,
+            epoch,
+        )
         return Plan(epoch, epoch_shards(names, seed, epoch, old_plan)[0])
     for slot in range(slots):  # a worker that delivered nothing yet is at the start
         positions.setdefault(slot, (start, []))
@@ -107,6 +111,7 @@ def elastic_plan(states: list[dict], names: list[str]) -> Plan:
         slot_epoch, slot_done = positions[slot]
         done |= set(order[slot::slots]) if slot_epoch > epoch else set(slot_done)
     remaining = [n for n in order if n not in done]
-    log.info("resume on another layout: epoch %d continues with %d of its %d shard(s)", epoch,
-             len(remaining), len(order))
+    log.info(
+        "resume on another layout: epoch %d continues with %d of its %d shard(s)", epoch, len(remaining), len(order)
+    )
     return Plan(epoch, remaining)

@@ -10,8 +10,10 @@ with caption variants shows the variant `pick_variant(seed, epoch, key)` (see `f
 
 Every sample is checked before it is batched (members present, safetensors header sound, [L, D]
 features of the model's width) without decoding its tensors; a bad one is skipped, counted,
-logged and, when a report file is given, written to it with its shard, key and reason. Tensors
-are decoded only for the batches a reader yields, which keeps replay on resume cheap.
+logged and, when a report file is given, written to it with its shard, key and reason. A local
+shard's tensors are read only for the batches a reader yields, each straight from the file into
+its row of the padded batch in the stored dtype (one copy, as a raw read makes; the shuffle
+buffer holds locations, not bytes), which also keeps replay on resume cheap.
 
 The position (`state_dict`) is the batches consumed plus, per worker, its epoch and the shards it
 has completely delivered. Same layout: exact resume. Another world size or worker count: the
@@ -26,16 +28,16 @@ import json
 import logging
 import random
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
-from safetensors.torch import load as st_load
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..models.spec import Condition
-from .format import FeatureFormatError, FeatureSample, check_raw_sample, count_variants, pick_variant
+from .format import FeatureFormatError, FeatureSample, StoredTensor, check_stored_sample, count_variants, pick_variant
 from .position import STATE_VERSION, Plan, elastic_plan, epoch_shards, same_layout, worker_share
 from .shards import ShardSet, iter_tar_samples, resolve_shards, shard_name
 
@@ -63,34 +65,71 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def to(self, device: torch.device | str) -> "Batch":
-        latents = None if self.latents is None else self.latents.to(device)
-        return replace(self, student=self.student.to(device), teacher=self.teacher.to(device), latents=latents)
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """On `device`, in the stored dtype (the model casts where it consumes them)."""
+        latents = None if self.latents is None else self.latents.to(device, non_blocking=non_blocking)
+        return replace(
+            self,
+            student=self.student.to(device, non_blocking=non_blocking),
+            teacher=self.teacher.to(device, non_blocking=non_blocking),
+            latents=latents,
+        )
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies, so that `to(cuda, non_blocking=True)` overlaps (DataLoader pin_memory)."""
+        latents = None if self.latents is None else self.latents.pin_memory()
+        return replace(self, student=self.student.pin_memory(), teacher=self.teacher.pin_memory(), latents=latents)
 
 
-def pad_features(feats: list[torch.Tensor]) -> Condition:
-    """Right-pad [L_i, D] features to float32 [B, max L, D] with a boolean mask (one copy each)."""
-    longest = max(f.shape[0] for f in feats)
-    out = torch.empty(len(feats), longest, feats[0].shape[1], dtype=torch.float32)
-    mask = torch.zeros(len(feats), longest, dtype=torch.bool)
-    for i, f in enumerate(feats):
-        n = f.shape[0]
-        out[i, :n] = f  # converts to float32 while copying
-        out[i, n:] = 0
-        mask[i, :n] = True
-    return Condition(feats=out, mask=mask)
+def pad_features(feats: list[torch.Tensor | StoredTensor]) -> Condition:
+    """Right-pad [L_i, D] features to [B, max L, D] in their stored dtype (bf16 as cached: half the
+    bytes of fp32 to copy and to send to the device) with a boolean mask. Stored tensors are read
+    straight into their rows; only the padding is zeroed (each byte is written once)."""
+    lengths = [f.shape[0] for f in feats]
+    out = _empty((len(feats), max(lengths), feats[0].shape[1]), feats[0].dtype)
+    zero = out.view(torch.uint8).numpy()  # a plain memset per row: no torch dispatch in the loop
+    for i, (f, n) in enumerate(zip(feats, lengths)):
+        _fill(out[i, :n], f)
+        zero[i, n:] = 0
+    mask = torch.arange(out.shape[1]) < torch.tensor(lengths)[:, None]
+    return Condition(feats=out, mask=mask.pin_memory() if out.is_pinned() else mask, sizes=tuple(lengths))
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Uninitialised batch memory; page-locked in a CUDA process's main reader (the caching host
+    allocator reuses warm blocks, and DataLoader's pin_memory then has nothing left to copy).
+    Worker processes never touch CUDA."""
+    return torch.empty(shape, dtype=dtype, pin_memory=get_worker_info() is None and torch.cuda.is_available())
+
+
+def _fill(dest: torch.Tensor, src: torch.Tensor | StoredTensor) -> None:
+    if isinstance(src, StoredTensor):
+        src.copy_into(dest)
+    else:
+        dest.copy_(src)
+
+
+def _stack(items: list[torch.Tensor | StoredTensor]) -> torch.Tensor:
+    """`torch.stack` that also takes stored tensors (read in place)."""
+    out = _empty((len(items), *items[0].shape), items[0].dtype)
+    for i, item in enumerate(items):
+        _fill(out[i], item)
+    return out
 
 
 def collate(samples: list[FeatureSample]) -> Batch:
     buckets = {s.bucket for s in samples}
     if len(buckets) != 1:
         raise ValueError(f"a batch mixes buckets {sorted(buckets)}")
+    refs = {reference_count(s.tensors) for s in samples}
+    if len(refs) != 1:  # the reader groups by (bucket, references): a model shares one layout per batch
+        raise ValueError(f"a batch mixes samples with {sorted(refs)} reference images")
     teacher = pad_features([s.tensors["teacher"] for s in samples])
-    if all("ref_latents" in s.tensors for s in samples):
-        teacher.ref_latents = torch.stack([s.tensors["ref_latents"].float() for s in samples])
+    if refs != {0}:
+        teacher.ref_latents = _stack([s.tensors["ref_latents"] for s in samples])
     latents = None
     if all("latents" in s.tensors for s in samples):
-        latents = torch.stack([s.tensors["latents"].float() for s in samples])
+        latents = _stack([s.tensors["latents"] for s in samples])
     return Batch(
         student=pad_features([s.tensors["student"] for s in samples]),
         teacher=teacher,
@@ -100,6 +139,13 @@ def collate(samples: list[FeatureSample]) -> Batch:
     )
 
 
+def reference_count(tensors) -> int:
+    """Reference images a sample carries (`ref_latents` [R, C, h, w]); 0 without. `tensors` may be
+    the tensors or their shapes."""
+    ref = tensors.get("ref_latents")
+    return 0 if ref is None else int(ref[0] if isinstance(ref, list) else ref.shape[0])
+
+
 @dataclass
 class _Ref:
     """A checked sample whose tensors are not decoded yet."""
@@ -107,17 +153,24 @@ class _Ref:
     key: str
     shard: str
     meta: dict
-    blob: bytes
+    tensors: dict[str, StoredTensor]
+    """Located by the header check, read only when the sample is batched."""
     variants: int
+    references: int = 0
 
     @property
     def bucket(self) -> tuple[int, int]:
         h, w = self.meta["bucket"]
         return int(h), int(w)
 
+    @property
+    def group(self) -> tuple[tuple[int, int], int]:
+        """Samples batched together: one aspect bucket and one number of reference images."""
+        return self.bucket, self.references
+
     def load(self, seed: int, epoch: int) -> FeatureSample:
-        """Decode, keeping the caption variant this epoch shows under the plain names."""
-        tensors = st_load(self.blob)
+        """The sample with the caption variant this epoch shows under the plain names (still unread)."""
+        tensors = dict(self.tensors)
         v = pick_variant(seed, epoch, self.key, self.variants)
         if v:
             tensors["student"], tensors["teacher"] = tensors[f"student_{v}"], tensors[f"teacher_{v}"]
@@ -151,8 +204,16 @@ class _Progress:
 class FeatureStream(IterableDataset):
     """Endless bucket-batched stream for one rank; use with :func:`build_loader`."""
 
-    def __init__(self, shards: list[str], batch_size: int, feature_dim: int, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = 64, seed: int = 0):
+    def __init__(
+        self,
+        shards: list[str],
+        batch_size: int,
+        feature_dim: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 64,
+        seed: int = 0,
+    ):
         if len(shards) < world_size:
             raise ValueError(f"{len(shards)} shard(s) cannot feed {world_size} ranks: write more, smaller shards")
         self.urls = {shard_name(u): u for u in shards}
@@ -173,14 +234,14 @@ class FeatureStream(IterableDataset):
         def on_error(err: Exception) -> None:
             self._skip(name, "?", f"unreadable tar data, rest of the shard lost ({type(err).__name__}: {err})")
 
-        for raw in iter_tar_samples(self.urls[name], on_error):
+        for raw in iter_tar_samples(self.urls[name], on_error, lazy=("safetensors",)):
             key = raw.get("__key__", "?")
             try:
-                meta, shapes = check_raw_sample(raw, self.feature_dim)
+                meta, tensors = check_stored_sample(raw, self.feature_dim)
             except FeatureFormatError as err:
                 self._skip(name, key, str(err))
                 continue
-            yield _Ref(key, name, meta, raw["safetensors"], count_variants(shapes))
+            yield _Ref(key, name, meta, tensors, count_variants(tensors), reference_count(tensors))
 
     def _samples(self, names: list[str], progress: _Progress) -> Iterator[_Ref]:
         for name in names:
@@ -202,13 +263,14 @@ class FeatureStream(IterableDataset):
         yield from buf
 
     def _batches(self, refs: Iterator[_Ref], progress: _Progress) -> Iterator[list[_Ref]]:
-        """Cut batches per bucket; a bucket's leftovers at the end of an epoch are dropped."""
-        pending: dict[tuple[int, int], list[_Ref]] = defaultdict(list)
+        """Cut batches per bucket (and reference count); a group's leftovers at the end of an epoch
+        are dropped."""
+        pending: dict[tuple, list[_Ref]] = defaultdict(list)
         for r in refs:
-            group = pending[r.bucket]
+            group = pending[r.group]
             group.append(r)
             if len(group) == self.batch_size:
-                batch = pending.pop(r.bucket)
+                batch = pending.pop(r.group)
                 progress.deliver(batch)
                 yield batch
         for leftovers in pending.values():
@@ -254,12 +316,19 @@ class FeatureStream(IterableDataset):
 class FeatureLoader:
     """A DataLoader over :class:`FeatureStream` that knows its position (a state dict)."""
 
-    def __init__(self, stream: FeatureStream, num_workers: int = 0, shards: Optional[ShardSet] = None,
-                 report_path: Optional[str] = None):
+    def __init__(
+        self,
+        stream: FeatureStream,
+        num_workers: int = 0,
+        shards: Optional[ShardSet] = None,
+        report_path: Optional[str] = None,
+    ):
         slots = stream.world_size * max(1, num_workers)
         if len(stream.names) < slots:
-            raise ValueError(f"{len(stream.names)} shard(s) cannot feed {stream.world_size} rank(s) x "
-                             f"{max(1, num_workers)} worker(s): write more, smaller shards")
+            raise ValueError(
+                f"{len(stream.names)} shard(s) cannot feed {stream.world_size} rank(s) x "
+                f"{max(1, num_workers)} worker(s): write more, smaller shards"
+            )
         self.stream, self.num_workers, self.shards = stream, num_workers, shards
         self.manifest = shards.manifest if shards else None
         self.report_path = Path(report_path) if report_path else None
@@ -268,14 +337,20 @@ class FeatureLoader:
         self.positions: dict[int, dict] = {}  # stream worker -> {"epoch", "done"} of its last batch
         self._iter: Optional[Iterator[Batch]] = None
 
-    def __iter__(self) -> "FeatureLoader":
+    def __iter__(self) -> FeatureLoader:
         return self
 
     def __next__(self) -> Batch:
         if self._iter is None:
             self.stream.skip_batches = self.consumed
-            loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                                persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+            loader = DataLoader(
+                self.stream,
+                batch_size=None,
+                num_workers=self.num_workers,
+                persistent_workers=False,
+                prefetch_factor=4 if self.num_workers else None,
+                pin_memory=torch.cuda.is_available(),
+            )
             self._iter = iter(loader)
         batch = next(self._iter)
         self.consumed += 1
@@ -300,8 +375,13 @@ class FeatureLoader:
     def _layout(self) -> dict:
         s = self.stream
         digest = self.shards.digest() if self.shards else None
-        return {"world_size": s.world_size, "num_workers": self.num_workers, "seed": s.seed,
-                "batch_size": s.batch_size, "shards_digest": digest}
+        return {
+            "world_size": s.world_size,
+            "num_workers": self.num_workers,
+            "seed": s.seed,
+            "batch_size": s.batch_size,
+            "shards_digest": digest,
+        }
 
     def state_dict(self) -> dict:
         """JSON-safe position of this rank (see `position.py` for what a resume does with it)."""
@@ -334,9 +414,18 @@ class FeatureLoader:
             self.consumed, self.stream.plan = 0, None
 
 
-def build_loader(data_dir: str, batch_size: int, feature_dim: int, num_workers: int = 0, shuffle_buffer: int = 64,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, manifest: Optional[str] = None,
-                 report_path: Optional[str] = None) -> FeatureLoader:
+def build_loader(
+    data_dir: str,
+    batch_size: int,
+    feature_dim: int,
+    num_workers: int = 0,
+    shuffle_buffer: int = 64,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    manifest: Optional[str] = None,
+    report_path: Optional[str] = None,
+) -> FeatureLoader:
     """The reader of `data_dir` (a directory, glob, brace pattern or pipe: spec) for one rank."""
     shards = resolve_shards(data_dir, manifest)
     if shards.manifest.feature_dim != feature_dim:
@@ -346,8 +435,3 @@ def build_loader(data_dir: str, batch_size: int, feature_dim: int, num_workers: 
         )
     stream = FeatureStream(shards.urls, batch_size, feature_dim, rank, world_size, shuffle_buffer, seed)
     return FeatureLoader(stream, num_workers, shards, report_path)
-
-
-def list_shards(path: str | Path) -> list[str]:
-    """Shards of a feature directory in manifest order (kept for callers of the first version)."""
-    return resolve_shards(str(path)).urls

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import os
 import re
+import struct
 import tarfile
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Optional
 
 import webdataset as wds
 from braceexpand import braceexpand
@@ -103,34 +106,68 @@ def resolve_shards(spec: str, manifest: Optional[str] = None) -> ShardSet:
     return ShardSet(urls, loaded, Path(manifest) if manifest else None)
 
 
-def iter_tar_samples(url: str, on_error: Callable[[Exception], None]) -> Iterator[dict]:
-    """Samples of one shard as WebDataset dicts (`__key__`, `__url__`, one bytes entry per member).
+@dataclass(frozen=True)
+class TarMember:
+    """A member of a local tar file, read on demand (slices, `readinto`, `bytes()`).
 
-    Local files are read with random access (tarfile skips through the file: about the speed
-    of a raw read, several times faster than a stream); `pipe:` and other URLs are streamed
-    through `webdataset.gopen`. A tar that cannot be read further calls `on_error` and ends the
-    shard; members are grouped into samples by key as WebDataset does. (tarfile stops quietly
-    at a bad header after the first one, so a local file's end-of-archive block is checked too.)
+    The reader holds the samples of its shuffle buffer by location only and reads their tensors
+    once, straight into the batch (see `format.StoredTensor`): no blob per sample in memory, and
+    a replay on resume reads headers only. `head` holds the member's first bytes, read together
+    with its tar header, so that checking a safetensors header costs no extra read.
+    """
+
+    path: str
+    offset: int
+    size: int
+    head: bytes = b""
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, part: slice) -> bytes:
+        start, stop, _ = part.indices(self.size)
+        if stop <= len(self.head):
+            return self.head[start:stop]
+        out = bytearray(max(0, stop - start))
+        self.readinto(out, start)
+        return bytes(out)
+
+    def __bytes__(self) -> bytes:
+        return self[:]
+
+    def readinto(self, buffer, start: int = 0) -> None:
+        """Fill `buffer` (writable, any buffer) with the member's bytes from `start` on."""
+        view = memoryview(buffer).cast("B")
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset + start)
+            done = 0
+            while done < len(view):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise OSError(f"{self.path}: member at byte {self.offset} ends early (the file changed?)")
+                done += n
+
+
+def iter_tar_samples(url: str, on_error: Callable[[Exception], None], lazy: Collection[str] = ()) -> Iterator[dict]:
+    """Samples of one shard as WebDataset dicts (`__key__`, `__url__`, one bytes entry per member;
+    in a local file, members whose extension is in `lazy` are `TarMember`s, read on demand).
+
+    Local files are read with random access (about the speed of a raw read, several times faster
+    than a stream): with `lazy`, by `walk_local_tar` (the reader's path: headers only); else by
+    tarfile. `pipe:` and other URLs are streamed through `webdataset.gopen`. A tar that cannot be
+    read further calls `on_error` and ends the shard; members are grouped into samples by key as
+    WebDataset does. (tarfile stops quietly at a bad header after the first one, so a local
+    file's end-of-archive block is checked too.)
     """
     local = not url.startswith("pipe:") and "://" not in url
     stream = None
     try:
+        if local and lazy:
+            yield from _group(url, walk_local_tar(url, lazy))
+            return
         stream = None if local else wds.gopen(url)
         with tarfile.open(url, "r:") if local else tarfile.open(fileobj=stream, mode="r|") as tar:
-            sample: dict = {}
-            for member in tar:
-                match = _KEY_EXT.match(member.name)
-                if not member.isfile() or match is None:
-                    continue
-                key, ext = match.group(1), match.group(2)
-                if sample and sample["__key__"] != key:
-                    yield sample
-                    sample = {}
-                if not sample:
-                    sample = {"__key__": key, "__url__": url}
-                sample[ext] = tar.extractfile(member).read()
-            if sample:
-                yield sample
+            yield from _group(url, ((m.name, lambda m=m: tar.extractfile(m).read()) for m in tar if m.isfile()))
             if local:
                 _check_end_of_archive(url, tar.offset)
     except (tarfile.TarError, OSError, EOFError) as err:
@@ -138,6 +175,156 @@ def iter_tar_samples(url: str, on_error: Callable[[Exception], None]) -> Iterato
     finally:
         if not local and stream is not None:
             stream.close()
+
+
+def _group(url: str, members: Iterator[tuple[str, Any]]) -> Iterator[dict]:
+    """WebDataset samples from (name, value or a function reading it) pairs of regular members.
+    A `(None, error)` pair ends the shard after yielding the sample in progress, then raises."""
+    sample: dict = {}
+    for name, value in members:
+        if name is None:
+            if sample:
+                yield sample
+            raise value
+        match = _KEY_EXT.match(name)
+        if match is None:
+            continue
+        key, ext = match.group(1), match.group(2)
+        if sample and sample["__key__"] != key:
+            yield sample
+            sample = {}
+        if not sample:
+            sample = {"__key__": key, "__url__": url}
+        sample[ext] = value() if callable(value) else value
+    if sample:
+        yield sample
+
+
+_BLOCK, _HEAD = 512, 4096
+_EOF_BLOCK = bytes(_BLOCK)
+
+
+def walk_local_tar(path: str, lazy: Collection[str] = ()) -> Iterator[tuple[Optional[str], Any]]:
+    """(name, bytes or `TarMember`) of a local tar's regular members, read header by header.
+
+    tarfile spends most of a feature sample's read budget decoding every header field in
+    Python; this walk reads each 512-byte header together with the member's first `_HEAD`
+    bytes in one `pread` and decodes only the name, size and type, with what tarfile accepts
+    (ustar prefixes, pax and global pax records, GNU long names, base-256 sizes, both checksum
+    conventions). Members whose extension is in `lazy` are left in the file. Errors end the walk
+    where tarfile's would: a bad header after the first yields `(None, ReadError)` (the sample
+    in progress is kept) unless it follows a pax or long-name header (then it raises at once), a
+    member cut short yields a value that raises when read.
+    """
+    with open(path, "rb", buffering=0) as f:
+        yield from _TarWalk(path, f.fileno(), lazy).members()
+
+
+class _TarWalk:
+    """One walk's state: the file, and the pax / long-name records that apply to the next member."""
+
+    def __init__(self, path: str, fd: int, lazy: Collection[str]):
+        self.path, self.fd, self.lazy, self.end = path, fd, lazy, os.fstat(fd).st_size
+        self.pax: dict[str, str] = {}
+        self.global_pax: dict[str, str] = {}
+        self.long_name: Optional[str] = None
+        self.chained = False  # the last header was a pax / long-name one
+
+    def members(self) -> Iterator[tuple[Optional[str], Any]]:
+        offset = 0
+        while True:
+            buf = os.pread(self.fd, _BLOCK + _HEAD, offset)
+            if buf[:_BLOCK] == _EOF_BLOCK:
+                return
+            try:
+                kind, name, size = _parse_header(buf[:_BLOCK], {**self.global_pax, **self.pax})
+                if kind in (b"x", b"g", b"L", b"K"):
+                    self._records(kind, offset + _BLOCK, size)
+            except ValueError as err:
+                bad = tarfile.ReadError(f"no valid tar header at byte {offset} (truncated or corrupt file: {err})")
+                if offset == 0 or self.chained:
+                    raise bad from None
+                yield None, bad
+                return
+            if kind not in (b"x", b"g", b"L", b"K"):
+                member = self._member(kind, name, buf, offset + _BLOCK, size)
+                if member is not None:
+                    yield member
+                    if callable(member[1]):
+                        return
+            offset += _BLOCK + (size + _BLOCK - 1) // _BLOCK * _BLOCK
+
+    def _records(self, kind: bytes, data: int, size: int) -> None:
+        """Keep what a pax, global pax or GNU long-name header says about the next member."""
+        payload = os.pread(self.fd, size, data)
+        if len(payload) < size:
+            raise tarfile.ReadError("unexpected end of data")
+        if kind == b"x":
+            self.pax = _pax_records(payload)
+        elif kind == b"g":
+            self.global_pax.update(_pax_records(payload))
+        elif kind == b"L":
+            self.long_name = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        self.chained = True
+
+    def _member(self, kind: bytes, name: str, buf: bytes, data: int, size: int) -> Optional[tuple[str, Any]]:
+        """(name, value) of a regular member, None for anything else."""
+        name = self.pax.get("path") or self.global_pax.get("path") or self.long_name or name
+        self.pax, self.long_name, self.chained = {}, None, False
+        if kind not in (b"0", b"\0", b"7") or (kind == b"\0" and name.endswith("/")):
+            return None
+        if data + size > self.end:
+            return name, _failing(tarfile.ReadError("unexpected end of data"))
+        match, head = _KEY_EXT.match(name), buf[_BLOCK : _BLOCK + size]
+        if match is not None and match.group(2) in self.lazy:
+            return name, TarMember(self.path, data, size, head)
+        return name, head if len(head) == size else os.pread(self.fd, size, data)
+
+
+def _failing(err: Exception) -> Callable[[], bytes]:
+    def read() -> bytes:
+        raise err
+
+    return read
+
+
+def _parse_header(block: bytes, pax: dict[str, str]) -> tuple[bytes, str, int]:
+    """(type flag, ustar name, size) of one header block; ValueError when it is not a valid header."""
+    if len(block) < _BLOCK:
+        raise ValueError("short block")
+    stored = _number(block[148:156])
+    unsigned = sum(block) - sum(block[148:156]) + 256
+    if stored != unsigned and stored != sum(struct.unpack_from("148b8x356b", block)) + 256:
+        raise ValueError("bad checksum")
+    kind = block[156:157]
+    name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    if prefix and kind not in (b"L", b"K", b"S"):
+        name = prefix + "/" + name
+    return kind, name, int(pax["size"]) if "size" in pax else _number(block[124:136])
+
+
+def _number(field: bytes) -> int:
+    """A numeric header field: NUL/space-terminated octal, or GNU base-256 (positive only)."""
+    if field[0] == 0o200:
+        return int.from_bytes(field[1:], "big")
+    if field[0] & 0x80:
+        raise ValueError("negative number")
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _pax_records(payload: bytes) -> dict[str, str]:
+    """`<length> <key>=<value>\\n` records of a pax header."""
+    out, pos = {}, 0
+    while pos < len(payload) and payload[pos] != 0:
+        space = payload.index(b" ", pos)
+        length = int(payload[pos:space])
+        if length <= space - pos or payload[pos + length - 1] != 0x0A:
+            raise ValueError("invalid pax record")
+        key, _, value = payload[space + 1 : pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
 
 
 def _check_end_of_archive(path: str, offset: int) -> None:

@@ -7,7 +7,13 @@ base, norm epsilon, layer layout), at a hidden size of 32.
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedTokenizerBase, Qwen3Config, Qwen3Model, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers import (
+    PreTrainedTokenizerBase,
+    Qwen3Config,
+    Qwen3Model,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 DEBUG_HIDDEN = 32
@@ -28,9 +34,7 @@ DEBUG_MIN_PIXELS, DEBUG_MAX_PIXELS = 32 * 32, 64 * 64
 
 def build_debug_text_encoder(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> Qwen3Model:
     torch.manual_seed(seed)
-    cfg = Qwen3Config(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, rope_theta=_ROPE_THETA, **_TEXT
-    )
+    cfg = Qwen3Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, rope_theta=_ROPE_THETA, **_TEXT)
     return Qwen3Model(cfg).eval()
 
 

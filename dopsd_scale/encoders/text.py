@@ -6,8 +6,8 @@ the generation prompt), truncated to `max_length`, hidden_states[-2], padding re
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -59,8 +59,14 @@ class PromptEncoder:
         texts = [chat_prompt(self.tokenizer, p) for p in prompts]
         # Right padding to the longest prompt, not to max_length as the pipeline does: the model
         # is causal, so the real tokens' hidden states are the same and short batches are cheap.
-        enc = self.tokenizer(texts, padding="longest", padding_side="right", max_length=self.max_length, truncation=True,
-                             return_tensors="pt")
+        enc = self.tokenizer(
+            texts,
+            padding="longest",
+            padding_side="right",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         ids = enc.input_ids.to(self.device)
         mask = enc.attention_mask.to(self.device).bool()
         hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states

@@ -3,6 +3,7 @@
 `dopsd make-debug-models OUT` writes
   OUT/zimage/      ZImagePipeline layout: tokenizer, text_encoder, vae, scheduler, transformer
   OUT/teacher_vlm/ Qwen3-VL (tiny) with the same tokenizer and its image processor
+  OUT/flux2_klein/ Flux2KleinPipeline layout (tiny), 64x64 images, references via edit_reference
 Everything is loaded back through the same `from_pretrained` paths real checkpoints take.
 """
 
@@ -15,6 +16,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipe
 
 from ..encoders.debug import build_debug_image_processor, build_debug_text_encoder, build_debug_vlm
 from ..encoders.tokenizer import build_debug_tokenizer
+from .debug_klein import make_debug_klein
 from .zimage import build_debug_transformer
 
 DEBUG_IMAGE_SIZE = 32  # pixels; vae factor 2 x patch 2 -> 8 x 8 image tokens
@@ -59,4 +61,5 @@ def make_debug_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     build_debug_vlm(tokenizer, seed=seed + 1).save_pretrained(str(vlm_dir))
     tokenizer.save_pretrained(str(vlm_dir))
     build_debug_image_processor().save_pretrained(str(vlm_dir))
-    return {"pipeline": out / "zimage", "teacher_vlm": vlm_dir}
+    klein = make_debug_klein(out / "flux2_klein", seed=seed)
+    return {"pipeline": out / "zimage", "teacher_vlm": vlm_dir, "klein": klein}

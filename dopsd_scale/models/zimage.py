@@ -8,16 +8,20 @@ features as a list of unpadded [L_i, D] tensors.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
 from torch import nn
 
+from ..flow import shift_sigmas
 from .spec import Condition, ModelSpec, read_json
 
 # Z-Image pads the caption sequence to a multiple of this inside the model.
 CAPTION_MULTIPLE = 32
-# Training roll-out of the public reference code for Z-Image-Turbo (inference keeps 8 NFE).
+# Training roll-out of the public reference code for Z-Image-Turbo (inference keeps 8 NFE): it is
+# the pipeline's own 4-step schedule (linspace(1, 1/4, 4) shifted by 3), i.e. every other sigma of
+# the 8-step one, which is why the default for any K is the pipeline's K-step schedule.
 REFERENCE_TRAIN_SIGMAS = (1.0, 0.9, 0.75, 0.5)
 
 DEBUG_TRANSFORMER = dict(
@@ -38,12 +42,20 @@ DEBUG_TRANSFORMER = dict(
 class ZImageSpec(ModelSpec):
     name = "zimage"
     transformer_class = ZImageTransformer2DModel
+    default_context = "vlm"
+    attention_backends = ("sdpa", "triton", "flash_attn")
+    # The main stack `layers.N` only: attention (to_out is a ModuleList, `.0` its Linear) and the
+    # SwiGLU MLP. A suffix list would also hit the noise/context refiners (the same block class).
+    lora_target_modules = r"^layers\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.(w1|w2|w3))$"
+    lora_pipeline = "ZImagePipeline"
 
     def __init__(self, path: str | Path):
         super().__init__(path)
         vae_cfg = self._component_config("vae", "config.json")
         self.vae_scale_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) if vae_cfg else 8
-        self.latent_channels = read_json(self.transformer_dir / "config.json").get("in_channels", 16)
+        transformer_cfg = read_json(self.transformer_dir / "config.json")
+        self.latent_channels = transformer_cfg.get("in_channels", 16)
+        self.patch_size = int(transformer_cfg.get("all_patch_size", [2])[0])
         self.scheduler_config = self._component_config("scheduler", "scheduler_config.json") or {
             "num_train_timesteps": 1000,
             "shift": 3.0,
@@ -56,25 +68,36 @@ class ZImageSpec(ModelSpec):
         path = self.path / folder / name
         return read_json(path) if self.is_pipeline and path.is_file() else None
 
+    def feature_dim(self, model: nn.Module) -> int:
+        return int(model.config.cap_feat_dim)
+
+    # ---- caching -------------------------------------------------------------------------
+    def prompt_encoder(self, device: str = "cpu", max_length: Optional[int] = None):
+        from ..encoders.text import PromptEncoder
+
+        return PromptEncoder.from_pipeline(self.path, device=device, max_length=max_length or 512)
+
+    def latent_encoder(self, device: str = "cpu"):
+        from ..encoders.latents import VAELatentEncoder
+
+        if not (self.path / "vae").is_dir():
+            raise FileNotFoundError(f"{self.path}: no vae/ folder, cannot encode latents")
+        return VAELatentEncoder(self.path / "vae", device)
+
     # ---- conventions ---------------------------------------------------------------------
     def velocity(self, model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
         dtype = next(model.parameters()).dtype
         t = (1.0 - sigma).to(dtype)
         latents = list(x.to(dtype).unsqueeze(2).unbind(0))
         captions = [c.to(dtype) for c in cond.unpadded()]
-        out = model(latents, t, captions, return_dict=False)[0]
+        out = model(latents, t, captions, patch_size=self.patch_size, return_dict=False)[0]
         return -torch.stack(out, dim=0).squeeze(2).to(x.dtype)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        unit = self.vae_scale_factor * 2  # VAE downsampling times the 2x2 patch
+        unit = self.vae_scale_factor * self.patch_size  # VAE downsampling times the patch
         if height % unit or width % unit:
             raise ValueError(f"image size {height}x{width} must be a multiple of {unit} for this model")
-        return (self.latent_channels, 2 * (height // unit), 2 * (width // unit))
-
-    def train_sigmas(self, num_steps: int) -> list[float]:
-        if num_steps == len(REFERENCE_TRAIN_SIGMAS):
-            return list(REFERENCE_TRAIN_SIGMAS)
-        return torch.linspace(1.0, 1.0 / num_steps, num_steps).tolist()
+        return (self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
 
     def inference_sigmas(self, num_steps: int, latent_shape: tuple[int, int, int]) -> list[float]:
         """Exactly what ZImagePipeline computes: its default sigmas through its scheduler."""
@@ -86,6 +109,9 @@ class ZImageSpec(ModelSpec):
         scheduler.set_timesteps(sigmas=base, **kwargs)
         return scheduler.sigmas[:-1].tolist()
 
+    def shifted_sigmas(self, u: torch.Tensor) -> torch.Tensor:
+        return shift_sigmas(u, float(self.scheduler_config.get("shift", 3.0)))
+
     def decode(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
         cfg = vae.config
         z = latents.to(vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
@@ -96,10 +122,13 @@ class ZImageSpec(ModelSpec):
     def sharding_units(self, model: nn.Module) -> list[nn.Module]:
         return [*model.noise_refiner, *model.context_refiner, *model.layers]
 
-    def flops_per_forward(self, model: nn.Module, latent_shape: tuple[int, int, int], cond_len: int) -> float:
+    def flops_per_forward(
+        self, model: nn.Module, latent_shape: tuple[int, int, int], cond_len: int, ref_tokens: int = 0
+    ) -> float:
         """2 * params * tokens for every linear layer plus 4 * N^2 * dim per attention."""
         c, h, w = latent_shape
-        n_img = (h // 2) * (w // 2)
+        p = self.patch_size
+        n_img = (h // p) * (w // p)
         n_cap = -(-cond_len // CAPTION_MULTIPLE) * CAPTION_MULTIPLE
         dim = model.config.dim
 
@@ -109,7 +138,7 @@ class ZImageSpec(ModelSpec):
 
         blocks = group(model.noise_refiner, n_img) + group(model.context_refiner, n_cap)
         blocks += group(model.layers, n_img + n_cap)
-        embed = 2.0 * dim * (c * 4) * n_img * 2 + 2.0 * model.config.cap_feat_dim * dim * n_cap
+        embed = 2.0 * dim * (c * p * p) * n_img * 2 + 2.0 * model.config.cap_feat_dim * dim * n_cap
         return blocks + embed
 
 

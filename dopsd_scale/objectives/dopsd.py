@@ -16,12 +16,13 @@ backward through the summed loss while holding one student graph at a time.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 
 from ..flow import euler_step
+from .stats import RolloutStats
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BackwardFn = Callable[[torch.Tensor, bool], None]
@@ -45,18 +46,6 @@ def parse_steps(steps: str, num_steps: int, generator: Optional[torch.Generator]
     return [k in chosen for k in range(num_steps)]
 
 
-@dataclass
-class RolloutStats:
-    loss: float = 0.0
-    """Mean distillation loss over the trained steps (what was back-propagated, before scaling)."""
-    loss_per_step: list[Optional[float]] = field(default_factory=list)
-    gap_per_step: list[Optional[float]] = field(default_factory=list)
-    """Velocity MSE between student and teacher per step (unweighted), None where untrained."""
-    student_forwards: int = 0
-    teacher_forwards: int = 0
-    final_x: Optional[torch.Tensor] = None
-
-
 def distance(v_s: torch.Tensor, v_t: torch.Tensor, sigma: float, space: str) -> torch.Tensor:
     """MSE in x0 space (`x0 = x - sigma v`, i.e. sigma^2 * velocity MSE) or in velocity space."""
     mse = torch.mean((v_s.float() - v_t.float()) ** 2)
@@ -64,8 +53,14 @@ def distance(v_s: torch.Tensor, v_t: torch.Tensor, sigma: float, space: str) -> 
 
 
 class DOPSDObjective:
-    def __init__(self, sigmas: torch.Tensor, space: str = "x0", steps: str = "all",
-                 per_step_backward: bool = True, weight: float = 1.0):
+    def __init__(
+        self,
+        sigmas: torch.Tensor,
+        space: str = "x0",
+        steps: str = "all",
+        per_step_backward: bool = True,
+        weight: float = 1.0,
+    ):
         if space not in ("x0", "velocity"):
             raise ValueError(f"objective.space={space!r}: expected x0 or velocity")
         self.sigmas = sigmas  # sigma_0..sigma_K with sigma_K = 0
@@ -77,10 +72,26 @@ class DOPSDObjective:
     def num_steps(self) -> int:
         return len(self.sigmas) - 1
 
-    def __call__(self, student: VelocityFn, teacher: VelocityFn, noise: torch.Tensor,
-                 loss_scale: float = 1.0, generator: Optional[torch.Generator] = None,
-                 backward: BackwardFn = plain_backward) -> RolloutStats:
-        """Roll out, back-propagate the loss times `loss_scale` into the student, return stats."""
+    def __call__(
+        self,
+        student: VelocityFn,
+        teacher: Optional[VelocityFn],
+        noise: torch.Tensor,
+        latents: Optional[torch.Tensor] = None,
+        loss_scale: float = 1.0,
+        generator: Optional[torch.Generator] = None,
+        backward: BackwardFn = plain_backward,
+        sigmas: Optional[torch.Tensor] = None,
+    ) -> RolloutStats:
+        """Roll out, back-propagate the loss times `loss_scale` into the student, return stats.
+
+        `latents` (the target) is not used: the teacher's context holds the target instead.
+        `sigmas` overrides the schedule for this call (the roll-out schedule of the batch's bucket,
+        for families whose schedule depends on the resolution); it has the same K.
+        """
+        sigmas = self.sigmas if sigmas is None else sigmas
+        if len(sigmas) != len(self.sigmas):
+            raise ValueError(f"a schedule of {len(sigmas) - 1} steps for an objective of {self.num_steps}")
         trained = parse_steps(self.steps, self.num_steps, generator)
         n_trained = sum(trained)
         last_trained = max(k for k, t in enumerate(trained) if t)
@@ -89,7 +100,7 @@ class DOPSDObjective:
         x = noise
         for k in range(self.num_steps):
             x = x.detach()
-            s_k, s_next = float(self.sigmas[k]), float(self.sigmas[k + 1])
+            s_k, s_next = float(sigmas[k]), float(sigmas[k + 1])
             sigma = torch.full((x.shape[0],), s_k, device=x.device)
             if not trained[k]:
                 with torch.no_grad():
@@ -110,9 +121,9 @@ class DOPSDObjective:
                 backward(scaled, k == last_trained)
             else:
                 pending.append(scaled)
-            stats.loss_per_step.append(loss_k.item())
-            stats.gap_per_step.append(distance(v_s.detach(), v_t, 1.0, "velocity").item())
-            stats.loss += loss_k.item() / n_trained
+            stats.loss_per_step.append(loss_k.detach())
+            stats.gap_per_step.append(distance(v_s.detach(), v_t, 1.0, "velocity"))
+            stats.loss = stats.loss + loss_k.detach() / n_trained
             x = euler_step(x, v_s.detach().float(), s_k, s_next)
         if pending:
             backward(torch.stack(pending).sum(), True)

@@ -12,8 +12,9 @@ from .base import ParallelStrategy
 def build_parallel(cfg: ParallelConfig, info: DistInfo, device: torch.device) -> ParallelStrategy:
     if cfg.kind == "none":
         if info.world_size > 1:
-            raise ValueError(f"parallel.kind=none runs one process, but the world size is {info.world_size}: "
-                             "use fsdp2 or deepspeed")
+            raise ValueError(
+                f"parallel.kind=none runs one process, but the world size is {info.world_size}: use fsdp2 or deepspeed"
+            )
         return ParallelStrategy(cfg, info, device)
     if cfg.kind == "fsdp2":
         from .fsdp import FSDP2Strategy

@@ -13,13 +13,19 @@ One optimizer step, as the trainer drives it:
   `parallel.defer_grad_sync=true` the K backwards run inside `engine.coalesce_grad_reduction()`
   instead: gradients stay unsharded and local until the last backward, which reduces once
   (one collective per step, at the price of a full gradient copy per rank, like FSDP2's option).
-- `clip_grad_norm()` asks the ZeRO optimizer for the global norm of the accumulated gradient
-  partitions (the same function its `step()` uses; one scalar all-reduce). DeepSpeed clips by
+- `clip_grad_norm()` computes the global norm of the accumulated gradient partitions before the
+  step (the trainer decides there whether to skip it; `engine.get_global_grad_norm()` only exists
+  after `step()`). ZeRO-2: the ZeRO optimizer's `scaled_global_norm()`, the function its `step()`
+  uses (one scalar all-reduce; its "invalid norm" sentinel -1 comes back as NaN, so the trainer
+  skips the step). ZeRO-3: the public `safe_get_local_grad` of every partition, squared and
+  summed, one all-reduce. (ZeRO-2 has no public per-partition access: `safe_get_full_grad`
+  all-reduces every whole gradient, a second gradient all-reduce per step.) DeepSpeed clips by
   itself in `step()` (`gradient_clipping` in its config), so the norm is computed twice per step;
-  both are cheap next to the K forward/backward passes. Its "invalid norm" sentinel (-1) comes
-  back as NaN, so the trainer skips the step.
+  both are cheap next to the K forward/backward passes.
 - `optimizer_step()` -> `engine.step()`. `zero_grad()` after a skipped step drops the pending
-  gradient partitions the way DeepSpeed drops them on an overflow.
+  gradient partitions the way DeepSpeed drops them on an overflow. DeepSpeed has no public call
+  for that (its `zero_grad` keeps the reduced partitions, and a skipped step would add them to
+  the next one), so it uses the ZeRO optimizers' internal clean-up, as their `step()` does.
 
 The learning rate: `self.optimizer` is the torch AdamW handed to DeepSpeed, which DeepSpeed's ZeRO
 optimizer wraps and steps on the fp32 master partitions; the trainer's LambdaLR writes its
@@ -30,7 +36,8 @@ The EMA teacher is sharded like the student:
   `local_params` is every whole weight.
 - ZeRO-3: a second DeepSpeed engine without optimizer (DeepSpeed's parameter partitioning and
   gather-on-forward); `local_params` is each parameter's partition `p.ds_tensor`, which has the
-  same layout for student and teacher (the student's are read from its fp32 master partitions),
+  same layout for student and teacher (the student's are read from its fp32 master partitions
+  through the public `safe_get_local_fp32_param`),
   so the EMA runs shard by shard without a gather. The teacher never keeps gathered
   ("persistent") weights between forwards, so a forward always sees the latest EMA shards.
 The teacher stays in fp32 when the student computes in bf16, so an EMA with decay 0.9999 is not
@@ -38,39 +45,43 @@ rounded away (bf16 keeps about 3 significant digits); its forward then runs in f
 under the trainer's autocast, `run.mixed_precision`). Under ZeRO-2 the EMA reads the student's
 bf16 compute weights (its fp32 masters are partitioned across ranks by a flat layout).
 
+LoRA mode (ZeRO-2 only): the engine wraps the model with both adapters on the frozen base; the
+optimizer (and ZeRO's flat fp32 partitions) hold the student adapter only, which is trainable when
+`deepspeed.initialize` runs (ZeRO registers gradient hooks then). A bf16 engine casts every
+parameter to bf16, the teacher adapter included: it is cast back to fp32 right after, so its EMA
+is not rounded away (the LoRA forward casts its input to the adapter's dtype and back).
+
 Checkpoints: `<ckpt>/deepspeed/state/` is `engine.save_checkpoint` (student, optimizer state and
-fp32 master partitions; exact resume on the same world size). The teacher goes beside it:
-`teacher.safetensors` (ZeRO-2, written by rank 0) or `teacher_shard_<rank>.safetensors` (ZeRO-3,
-each rank's partitions). `load_consolidated` rebuilds full fp32 weights of either on CPU, without
-a process group (DeepSpeed's zero-to-fp32 for the student).
+fp32 master partitions; exact resume on the same world size; in LoRA mode without the frozen
+base and teacher adapter). The teacher goes beside it: `teacher.safetensors` (ZeRO-2, written by
+rank 0: the teacher copy or the teacher adapter) or `teacher_shard_<rank>.safetensors` (ZeRO-3,
+each rank's partitions). `dopsd_scale.consolidate` reads either back offline (the file names are
+defined there, with the reading side).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import OptimConfig, ParallelConfig
+from ..consolidate import DS_DIR, SHARD_FORMAT, TAG, TEACHER_FILE, TEACHER_SHARD, deepspeed_world_size
 from ..distributed import DistInfo
-from .base import ParallelStrategy
+from .base import ParallelStrategy, iter_params
 
 log = logging.getLogger(__name__)
 
-DS_DIR = "deepspeed"
-TAG = "state"
-TEACHER_FILE = "teacher.safetensors"
-TEACHER_SHARD = "teacher_shard_{:05d}.safetensors"
-SHARD_FORMAT = "dopsd-zero3-teacher-v1"
 COMM_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -83,19 +94,31 @@ def ds_config(cfg: ParallelConfig, optim_cfg: OptimConfig, num_params: int, teac
     if cfg.zero_stage not in (2, 3):
         raise ValueError(f"parallel.zero_stage={cfg.zero_stage}: DeepSpeed runs ZeRO stage 2 or 3")
     if cfg.param_dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"parallel.param_dtype={cfg.param_dtype!r}: DeepSpeed runs float32 or bfloat16 "
-                         "(float16 would need loss scaling)")
+        raise ValueError(
+            f"parallel.param_dtype={cfg.param_dtype!r}: DeepSpeed runs float32 or bfloat16 "
+            "(float16 would need loss scaling)"
+        )
     offload = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     bucket = int(min(5e8, max(num_params, 1)))
-    zero: dict = {"stage": cfg.zero_stage, "contiguous_gradients": True, "overlap_comm": False,
-                  "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    zero: dict = {
+        "stage": cfg.zero_stage,
+        "contiguous_gradients": True,
+        "overlap_comm": False,
+        "reduce_bucket_size": bucket,
+        "allgather_bucket_size": bucket,
+    }
     if cfg.cpu_offload and cfg.zero_stage == 3:
         zero["offload_param"] = dict(offload)
     if teacher:
         # gather-on-forward from the EMA shards every time: no weights kept gathered between forwards
         zero.update(stage3_param_persistence_threshold=0, stage3_model_persistence_threshold=0)
-        return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-                "zero_optimization": zero, "steps_per_print": 2**62, "wall_clock_breakdown": False}
+        return {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": zero,
+            "steps_per_print": 2**62,
+            "wall_clock_breakdown": False,
+        }
     if cfg.cpu_offload:
         zero["offload_optimizer"] = dict(offload)
     config = {
@@ -161,8 +184,14 @@ class DeepSpeedStrategy(ParallelStrategy):
         self._clip = 0.0
 
     # ---- set-up ------------------------------------------------------------------------------
-    def setup(self, model: nn.Module, teacher: Optional[nn.Module], units: list[nn.Module],
-              optim_cfg: OptimConfig) -> None:
+    def setup(
+        self,
+        model: nn.Module,
+        teacher: Optional[nn.Module],
+        units: list[nn.Module],
+        optim_cfg: OptimConfig,
+        teacher_keys: Sequence[str] = (),
+    ) -> None:
         import deepspeed
 
         from ..optim import build_optimizer
@@ -171,9 +200,14 @@ class DeepSpeedStrategy(ParallelStrategy):
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         optimizer = build_optimizer(model, optim_cfg)
         num_params = sum(p.numel() for p in model.parameters())
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                    config=ds_config(self.cfg, optim_cfg, num_params))
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config(self.cfg, optim_cfg, num_params)
+        )
         self._clip = float(optim_cfg.grad_clip or 0.0)
+        self.teacher_keys = tuple(teacher_keys)
+        if self.teacher_keys and self.stage != 2:
+            raise ValueError("LoRA mode runs under DeepSpeed ZeRO-2 only (parallel.zero_stage=2)")
+        self._recast_teacher_adapter(model)
         # The engine is called like the module (spec.velocity reads its parameters' dtype).
         self.model = self.engine
         # DeepSpeed's ZeRO optimizer steps this AdamW on the fp32 master partitions: its
@@ -188,8 +222,21 @@ class DeepSpeedStrategy(ParallelStrategy):
         else:
             self.teacher = teacher.to(self.device)
         kind = "none" if teacher is None else ("partitioned" if self.stage == 3 else "replicated")
-        log.info("DeepSpeed ZeRO-%d: %s, cpu_offload=%s, teacher %s", self.stage, self.cfg.param_dtype,
-                 self.cfg.cpu_offload, kind)
+        log.info(
+            "DeepSpeed ZeRO-%d: %s, cpu_offload=%s, teacher %s",
+            self.stage,
+            self.cfg.param_dtype,
+            self.cfg.cpu_offload,
+            kind,
+        )
+
+    @torch.no_grad()
+    def _recast_teacher_adapter(self, model: nn.Module) -> None:
+        """The engine cast every parameter to its compute dtype; the LoRA teacher adapter (an EMA)
+        goes back to fp32. The parameter objects stay, only their data changes."""
+        named = dict(model.named_parameters())
+        for key in self.teacher_keys:
+            named[key].data = named[key].data.float()
 
     def unwrapped(self) -> nn.Module:
         return self.engine.module
@@ -226,16 +273,25 @@ class DeepSpeedStrategy(ParallelStrategy):
         """The global norm of the accumulated gradients (DeepSpeed clips to it in `step()`)."""
         if max_norm != (self._clip or float("inf")):
             raise ValueError(f"DeepSpeed clips to optim.grad_clip={self._clip} (its config), not {max_norm}")
-        from deepspeed.runtime.utils import combine_grad_norm_groups
-
         opt = self.engine.optimizer
         if self.stage == 3:
-            norm = combine_grad_norm_groups(opt._get_norm_groups())
+            norm = self._zero3_grad_norm()
         else:
-            norm = opt.scaled_global_norm()
-        norm = float(norm)
+            norm = float(opt.scaled_global_norm())
         # DeepSpeed reports an inf/NaN norm as -1
-        return float("nan") if norm < 0 else norm / float(opt.loss_scale)
+        return float("nan") if norm < 0 or not math.isfinite(norm) else norm / float(opt.loss_scale)
+
+    def _zero3_grad_norm(self) -> float:
+        """sqrt(sum over ranks of the squared local gradient partitions): one all-reduce."""
+        from deepspeed.utils import safe_get_local_grad
+
+        grads = [safe_get_local_grad(p) for p in self.engine.module.parameters() if p.requires_grad]
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for g in grads:
+            if g is not None:
+                total += g.to(self.device).double().norm(2) ** 2
+        dist.all_reduce(total)
+        return float(total.sqrt())
 
     def optimizer_step(self) -> None:
         self.engine.step()
@@ -248,6 +304,10 @@ class DeepSpeedStrategy(ParallelStrategy):
             coalesce.__exit__(None, None, None)
         if not self._pending:
             return
+        # No public DeepSpeed call drops reduced gradient partitions: this is what the ZeRO optimizers do
+        # on an overflow. Measured: `engine.zero_grad()` alone puts ZeRO-3's next step off (its stale
+        # partitions are added); ZeRO-2 passed the tests with it, but with optimizer offload its CPU
+        # accumulation keys on the micro-step counter that only step() resets.
         opt = self.engine.optimizer
         if self.stage == 3:
             opt._overflow_clean_up(opt.loss_scale)  # zero_grad (micro step 0) and drop the partitions
@@ -266,7 +326,7 @@ class DeepSpeedStrategy(ParallelStrategy):
         self._pending = False
 
     # ---- teacher -------------------------------------------------------------------------------
-    def local_params(self, module: nn.Module) -> list[torch.Tensor]:
+    def local_params(self, params: nn.Module | Iterable[torch.Tensor]) -> list[torch.Tensor]:
         """ZeRO-3: this rank's partition of each weight; the student's from its fp32 masters.
 
         The student's fp32 master partition of a parameter has the layout of its `ds_tensor`
@@ -275,28 +335,43 @@ class DeepSpeedStrategy(ParallelStrategy):
         ZeRO-2: whole (replicated) weights; a bf16 run's student weights are its bf16 copy.
         """
         if self.stage != 3:
-            return [p.data for p in module.parameters()]
-        if module is not self.engine:
-            return [p.ds_tensor.data for p in module.parameters()]
-        opt = self.engine.optimizer
-        return [opt._get_fp32_opt_state_partition(p, release_swap_buffers=False)[0] if p.requires_grad
-                else p.ds_tensor.data for p in module.parameters()]
+            return [p.data for p in iter_params(params)]
+        if params is not self.engine:
+            return [p.ds_tensor.data for p in iter_params(params)]
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return [safe_get_local_fp32_param(p) if p.requires_grad else p.ds_tensor.data for p in params.parameters()]
 
     # ---- state ---------------------------------------------------------------------------------
     def save(self, directory: Path, async_save: bool = False) -> None:
         """DeepSpeed's own checkpoint API; always synchronous (`checkpoint.async_save` is ignored)."""
         directory = Path(directory)
-        self.engine.save_checkpoint(str(directory / DS_DIR), tag=TAG)
-        if self.teacher is not None:
+        # LoRA: the frozen base (and the frozen teacher adapter, saved below) stays out
+        self.engine.save_checkpoint(str(directory / DS_DIR), tag=TAG, exclude_frozen_parameters=self._partial)
+        if self.teacher is not None or self.teacher_keys:
             self._save_teacher(directory)
         dist.barrier()
         return None
 
+    @property
+    def _partial(self) -> bool:
+        """Whether the student has frozen parameters (LoRA: the base and the teacher adapter)."""
+        return any(not p.requires_grad for p in self.engine.module.parameters())
+
+    def _teacher_state(self) -> dict[str, torch.Tensor]:
+        """The replicated (ZeRO-2) teacher's weights: its own copy, or the teacher adapter."""
+        if self.teacher is not None:
+            return self.teacher.state_dict()
+        named = dict(self.engine.module.named_parameters())
+        return {k: named[k] for k in self.teacher_keys}
+
     def _save_teacher(self, directory: Path) -> None:
         if self.stage == 2:
             if self.info.is_main:
-                state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
-                         for k, v in self.teacher.state_dict().items()}
+                state = {
+                    k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
+                    for k, v in self._teacher_state().items()
+                }
                 save_file(state, str(directory / TEACHER_FILE))
             return
         module = self.teacher.module
@@ -306,32 +381,53 @@ class DeepSpeedStrategy(ParallelStrategy):
         if self.info.is_main:
             state = module.state_dict()
             tensors.update({f"buffer/{k}": state[k].detach().cpu().clone() for k in buffers})
-        meta = {"format": SHARD_FORMAT, "world_size": str(dist.get_world_size()), "rank": str(dist.get_rank()),
-                "shapes": json.dumps({k: list(named[k].ds_shape) for k in params})}
+        meta = {
+            "format": SHARD_FORMAT,
+            "world_size": str(dist.get_world_size()),
+            "rank": str(dist.get_rank()),
+            "shapes": json.dumps({k: list(named[k].ds_shape) for k in params}),
+        }
         save_file(tensors, str(directory / TEACHER_SHARD.format(dist.get_rank())), metadata=meta)
 
     def load(self, directory: Path) -> None:
         directory = Path(directory)
-        saved = _saved_world_size(directory)
+        saved = deepspeed_world_size(directory)
         if saved == 0:
-            raise FileNotFoundError(f"{directory}: not a DeepSpeed checkpoint (no {DS_DIR}/{TAG}/*optim_states.pt); "
-                                    "resume it with the parallel.kind that wrote it")
+            raise FileNotFoundError(
+                f"{directory}: not a DeepSpeed checkpoint (no {DS_DIR}/{TAG}/*optim_states.pt); "
+                "resume it with the parallel.kind that wrote it"
+            )
         if saved != dist.get_world_size():
-            raise ValueError(f"{directory}: a DeepSpeed checkpoint of {saved} rank(s) resumes on the same world size "
-                             f"only (now {dist.get_world_size()}); export it (dopsd export) or convert it with "
-                             "DeepSpeed's universal checkpoint tools to change the world size")
-        load_path, _ = self.engine.load_checkpoint(str(directory / DS_DIR), tag=TAG, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
+            raise ValueError(
+                f"{directory}: a DeepSpeed checkpoint of {saved} rank(s) resumes on the same world size "
+                f"only (now {dist.get_world_size()}); export it (dopsd export) or convert it with "
+                "DeepSpeed's universal checkpoint tools to change the world size"
+            )
+        load_path, _ = self.engine.load_checkpoint(
+            str(directory / DS_DIR),
+            tag=TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+            load_module_strict=not self._partial,
+        )
         if load_path is None:
             raise FileNotFoundError(f"{directory / DS_DIR}: DeepSpeed found no checkpoint to load")
-        if self.teacher is not None:
+        if self.teacher is not None or self.teacher_keys:
             self._load_teacher(directory)
         self._pending = False
 
     @torch.no_grad()
     def _load_teacher(self, directory: Path) -> None:
         if self.stage == 2:
-            self.teacher.load_state_dict(load_file(str(directory / TEACHER_FILE), device=str(self.device)))
+            state = load_file(str(directory / TEACHER_FILE), device=str(self.device))
+            if self.teacher is not None:
+                self.teacher.load_state_dict(state)
+                return
+            named = dict(self.engine.module.named_parameters())
+            if set(state) != set(self.teacher_keys):
+                raise ValueError(f"{directory / TEACHER_FILE}: not this model's LoRA teacher adapter")
+            for key, value in state.items():
+                named[key].data.copy_(value)
             return
         module = self.teacher.module
         shard = load_file(str(directory / TEACHER_SHARD.format(dist.get_rank())))
@@ -342,12 +438,15 @@ class DeepSpeedStrategy(ParallelStrategy):
             if key.startswith("buffer/") and key[7:] in buffers:
                 buffers[key[7:]].copy_(value)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The student's fp32 master weights, gathered one parameter at a time (collective)."""
+    def full_state_dict(self, keys: Optional[Collection[str]] = None) -> dict[str, torch.Tensor]:
+        """The student's fp32 master weights, gathered one parameter at a time (collective);
+        with `keys`, only those trainable parameters (a LoRA adapter)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
         module = self.engine.module
         params, buffers = _state_keys(module)
+        if keys is not None:
+            params, buffers = [k for k in params if k in keys], []
         named = dict(module.named_parameters(remove_duplicate=False))
         out: dict[str, torch.Tensor] = {}
         for key in params:
@@ -358,43 +457,3 @@ class DeepSpeedStrategy(ParallelStrategy):
             state = module.state_dict()
             out.update({k: state[k].detach().cpu().clone() for k in buffers})
         return out
-
-
-# ---- offline (no process group, no accelerator) -----------------------------------------------
-def _saved_world_size(checkpoint_dir: Path) -> int:
-    return len(list((Path(checkpoint_dir) / DS_DIR / TAG).glob("*optim_states.pt")))
-
-
-def load_consolidated(checkpoint_dir: Path, which: str = "student") -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a DeepSpeed checkpoint's student or teacher, on CPU, in one process."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if which == "student":
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from deepspeed.utils.zero_to_fp32 import (
-            get_fp32_state_dict_from_zero_checkpoint,
-        )
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir / DS_DIR), tag=TAG)
-        return {k: v.detach().cpu().float().contiguous() if v.is_floating_point() else v.cpu()
-                for k, v in state.items()}
-    if which != "teacher":
-        raise ValueError(f"which={which!r}: expected student or teacher")
-    if (checkpoint_dir / TEACHER_FILE).is_file():
-        return load_file(str(checkpoint_dir / TEACHER_FILE))
-    shards = sorted(checkpoint_dir.glob("teacher_shard_*.safetensors"))
-    if not shards:
-        raise FileNotFoundError(f"{checkpoint_dir}: no teacher weights (the run's teacher.kind is live?)")
-    with safe_open(str(shards[0]), "pt") as f:
-        meta = f.metadata()
-    if meta.get("format") != SHARD_FORMAT or int(meta["world_size"]) != len(shards):
-        raise ValueError(f"{checkpoint_dir}: expected {meta.get('world_size')} teacher shards "
-                         f"of format {SHARD_FORMAT}, found {len(shards)}")
-    shapes = json.loads(meta["shapes"])
-    parts = [load_file(str(s)) for s in shards]
-    state: dict[str, torch.Tensor] = {}
-    for name, shape in shapes.items():
-        flat = torch.cat([p[f"param/{name}"].reshape(-1) for p in parts])
-        state[name] = flat[: torch.Size(shape).numel()].reshape(shape).float().contiguous()
-    state.update({k[7:]: v for k, v in parts[0].items() if k.startswith("buffer/")})
-    return state

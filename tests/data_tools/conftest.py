@@ -6,10 +6,9 @@ import io
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from dopsd_data_tools.make_shards import ShardOptions, make_shards
 from dopsd_data_tools.synthetic import make_synthetic_pairs
+from PIL import Image
 
 from ..conftest import DEBUG_BUCKETS
 

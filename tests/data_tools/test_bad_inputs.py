@@ -7,11 +7,10 @@ import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from dopsd_data_tools.images import load_rgb
 from dopsd_data_tools.make_shards import make_shards
 from dopsd_data_tools.synthetic import make_synthetic_pairs
+from PIL import Image
 
 from .conftest import encode, shard_options
 
@@ -74,8 +73,9 @@ def test_make_shards_skips_converts_counts_and_reports_every_bad_input(bad_folde
         "cmyk.jpg": ("converted", "CMYK converted to RGB"),
     }
     for source, (action, reason) in expected.items():
-        assert [(a, r) for a, r in by_source[source] if r.startswith(reason)] and \
-            all(a == action for a, _ in by_source[source]), (source, by_source.get(source))
+        assert [(a, r) for a, r in by_source[source] if r.startswith(reason)] and all(
+            a == action for a, _ in by_source[source]
+        ), (source, by_source.get(source))
     assert all(len(row["key"]) == 9 for row in report)  # every row names its sample key
     assert summary["skipped"] == 7 and summary["converted"] == 3
     assert summary["reasons"]["skipped"]["duplicate"] == 1
@@ -102,17 +102,37 @@ def test_converted_images_keep_their_bytes_and_load_as_documented(bad_folder, tm
 
 def test_manifest_rows_with_missing_files_or_captions_are_reported(tmp_path):
     make_synthetic_pairs(tmp_path / "pairs", count=4, seed=1)
-    lines = [json.dumps({"image": f"pairs/{i:06d}.png", "caption": f"c{i}", "tags": f"t{i}"}).encode() for i in range(4)]
-    lines += [json.dumps({"image": "pairs/gone.png", "caption": "x", "tags": "y"}).encode(),
-              json.dumps({"image": "pairs/000001.png", "caption": None, "tags": None}).encode(),
-              b'{"image": "pairs/000002.png", "caption": "caf\xe9"}', b"{not json"]
+    lines = [
+        json.dumps({"image": f"pairs/{i:06d}.png", "caption": f"c{i}", "tags": f"t{i}"}).encode() for i in range(4)
+    ]
+    lines += [
+        json.dumps({"image": "pairs/gone.png", "caption": "x", "tags": "y"}).encode(),
+        json.dumps({"image": "pairs/000001.png", "caption": None, "tags": None}).encode(),
+        b'{"image": "pairs/000002.png", "caption": "caf\xe9"}',
+        b"{not json",
+    ]
     (tmp_path / "rows.jsonl").write_bytes(b"\n".join(lines))
     out = tmp_path / "shards"
     summary = make_shards(shard_options(tmp_path / "rows.jsonl", out, caption_columns=["caption", "tags"]))
-    reasons = {r["key"]: r["reason"] for r in json.loads(f"[{','.join((out / 'report.jsonl').read_text().splitlines())}]")}
+    reasons = {
+        r["key"]: r["reason"] for r in json.loads(f"[{','.join((out / 'report.jsonl').read_text().splitlines())}]")
+    }
     assert reasons["000000004"].startswith("image file not found") and "gone.png" in reasons["000000004"]
     assert reasons["000000005"].startswith("missing caption")
     assert reasons["000000006"].startswith("caption is not UTF-8")
     assert reasons["000000007"].startswith("malformed manifest row")
     assert summary["samples"] == 4 and summary["skipped"] == 4
-    assert {tuple(s["json"]["captions"]) for s in _shard_samples(out).values()} == {(f"c{i}", f"t{i}") for i in range(4)}
+    assert {tuple(s["json"]["captions"]) for s in _shard_samples(out).values()} == {
+        (f"c{i}", f"t{i}") for i in range(4)
+    }
+
+
+def test_a_malformed_jsonl_manifest_is_one_line_naming_file_and_line(tmp_path, capsys):
+    from dopsd_scale.cli import main
+
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text(json.dumps([{"image": "a.png", "text": "x"}], indent=2), encoding="utf-8")  # JSON, not JSONL
+    assert main(["make-shards", "--input", str(manifest), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert str(manifest) in err and "line 1" in err and "JSON Lines" in err

@@ -14,10 +14,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
 from dopsd_data_tools.cache_features import CacheOptions, cache_features
 from dopsd_data_tools.common import ManifestMismatch
 from dopsd_data_tools.inspect_shards import inspect_shards, verify_shards
+
 from dopsd_scale.data.format import Manifest, pick_variant
 from dopsd_scale.data.reader import build_loader
 
@@ -28,16 +28,31 @@ REPO = Path(__file__).resolve().parents[2]
 def ray_cluster():
     """One local Ray cluster for the module: 2 CPUs, a small object store, loopback only."""
     ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, object_store_memory=96 << 20, include_dashboard=False,
-             log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        object_store_memory=96 << 20,
+        include_dashboard=False,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
     yield ray
     ray.shutdown()
 
 
 def options(images: Path, out: Path, models: dict, **kw) -> CacheOptions:
-    return CacheOptions(input_dir=str(images), output_dir=str(out), pipeline=str(models["pipeline"]),
-                        teacher_vlm=str(models["teacher_vlm"]), latents=True, vlm_min_pixels=32 * 32,
-                        vlm_max_pixels=64 * 64, batch_size=4, threads=1, **kw)
+    return CacheOptions(
+        input_dir=str(images),
+        output_dir=str(out),
+        pipeline=str(models["pipeline"]),
+        teacher_vlm=str(models["teacher_vlm"]),
+        latents=True,
+        vlm_min_pixels=32 * 32,
+        vlm_max_pixels=64 * 64,
+        batch_size=4,
+        threads=1,
+        **kw,
+    )
 
 
 def test_two_actors_cache_every_shard_and_every_caption_variant(ray_cluster, image_shards, debug_models, tmp_path):
@@ -67,8 +82,9 @@ def _break_shard(path: Path) -> bytes:
     return original
 
 
-def test_a_failing_shard_is_retried_then_reported_and_the_others_finish(ray_cluster, image_shards, debug_models,
-                                                                       tmp_path):
+def test_a_failing_shard_is_retried_then_reported_and_the_others_finish(
+    ray_cluster, image_shards, debug_models, tmp_path
+):
     images = tmp_path / "images"
     shutil.copytree(image_shards, images)
     original = _break_shard(images / "images-000001.tar")
@@ -88,12 +104,35 @@ def test_a_failing_shard_is_retried_then_reported_and_the_others_finish(ray_clus
 def test_a_killed_run_resumes_without_recomputing_finished_shards(ray_cluster, image_shards, debug_models, tmp_path):
     out = tmp_path / "features"
     # shard 2 of the input hangs (a slow object store), so the kill lands after shards 0 and 1
-    slow = f"pipe:sh -c 'case \"$0\" in *images-000002*) sleep 600;; esac; exec cat \"$0\"' " \
-           f"{image_shards}/images-{{000000..000003}}.tar"
-    cmd = [sys.executable, "-m", "dopsd_scale.cli", "cache-features", "--input", slow, "--input-manifest",
-           str(image_shards / "manifest.json"), "--output", str(out), "--pipeline", str(debug_models["pipeline"]),
-           "--teacher-vlm", str(debug_models["teacher_vlm"]), "--latents", "--vlm-min-pixels", "1024",
-           "--vlm-max-pixels", "4096", "--batch-size", "4", "--threads", "1"]
+    slow = (
+        f'pipe:sh -c \'case "$0" in *images-000002*) sleep 600;; esac; exec cat "$0"\' '
+        f"{image_shards}/images-{{000000..000003}}.tar"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "dopsd_scale.cli",
+        "cache-features",
+        "--input",
+        slow,
+        "--input-manifest",
+        str(image_shards / "manifest.json"),
+        "--output",
+        str(out),
+        "--pipeline",
+        str(debug_models["pipeline"]),
+        "--teacher-vlm",
+        str(debug_models["teacher_vlm"]),
+        "--latents",
+        "--vlm-min-pixels",
+        "1024",
+        "--vlm-max-pixels",
+        "4096",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240

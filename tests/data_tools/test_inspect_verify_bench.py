@@ -7,19 +7,27 @@ import shutil
 import tarfile
 
 import pytest
-
 from dopsd_data_tools.cache_features import CacheOptions, cache_features
 from dopsd_data_tools.inspect_shards import verify_shards
 from dopsd_data_tools.make_shards import remove_from_shard
+
 from dopsd_scale.cli import main
 
 
 @pytest.fixture(scope="module")
 def cached(image_shards, debug_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("cached") / "features"
-    cache_features(CacheOptions(input_dir=str(image_shards), output_dir=str(out), pipeline=str(debug_models["pipeline"]),
-                                teacher_vlm=str(debug_models["teacher_vlm"]), vlm_min_pixels=32 * 32,
-                                vlm_max_pixels=64 * 64, batch_size=4))
+    cache_features(
+        CacheOptions(
+            input_dir=str(image_shards),
+            output_dir=str(out),
+            pipeline=str(debug_models["pipeline"]),
+            teacher_vlm=str(debug_models["teacher_vlm"]),
+            vlm_min_pixels=32 * 32,
+            vlm_max_pixels=64 * 64,
+            batch_size=4,
+        )
+    )
     return out
 
 
@@ -54,7 +62,11 @@ def test_bench_data_prints_reader_and_caching_throughput(capsys):
     table = capsys.readouterr().out
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     names = [r.split("|")[1].strip() for r in rows[1:]]
-    assert names == ["raw read of the tar bytes", "reader (batch 4, 0 workers)",
-                     "cache-features, debug encoders, batch 1", "cache-features, debug encoders, batch 8"]
+    assert names == [
+        "raw read of the tar bytes",
+        "reader (batch 4, 0 workers)",
+        "cache-features, debug encoders, batch 1",
+        "cache-features, debug encoders, batch 8",
+    ]
     assert float(rows[2].split("|")[5]) > 0  # the reader/raw ratio
     assert all(float(r.split("|")[3]) > 0 for r in rows[1:])

@@ -11,11 +11,11 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from dopsd_data_tools.common import ManifestMismatch
 from dopsd_data_tools.images import assign_bucket, make_buckets
 from dopsd_data_tools.make_shards import make_shards
 from dopsd_data_tools.synthetic import make_synthetic_pairs
+
 from dopsd_scale.data.format import Manifest
 
 from .conftest import pairs_with_variants, shard_options
@@ -66,8 +66,9 @@ def test_hugging_face_dataset_saved_to_disk_and_imagefolder(tmp_path):
     datasets = pytest.importorskip("datasets")
     pairs = make_synthetic_pairs(tmp_path / "pairs", count=5, seed=4)
     files = sorted(pairs.glob("*.png"))
-    ds = datasets.Dataset.from_dict({"image": [str(p) for p in files],
-                                     "text": [p.with_suffix(".txt").read_text().strip() for p in files]})
+    ds = datasets.Dataset.from_dict(
+        {"image": [str(p) for p in files], "text": [p.with_suffix(".txt").read_text().strip() for p in files]}
+    )
     ds.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "hf"))
     summary = make_shards(shard_options(tmp_path / "hf", tmp_path / "out_hf"))
     assert summary["layout"] == "hf-disk" and summary["samples"] == 5
@@ -78,13 +79,18 @@ def test_hugging_face_dataset_saved_to_disk_and_imagefolder(tmp_path):
     folder.mkdir(parents=True)
     for p in files:
         (folder / p.name).write_bytes(p.read_bytes())
-    (folder / "metadata.jsonl").write_text("\n".join(
-        json.dumps({"file_name": p.name, "text": p.with_suffix(".txt").read_text().strip()}) for p in files[:4]))
+    (folder / "metadata.jsonl").write_text(
+        "\n".join(
+            json.dumps({"file_name": p.name, "text": p.with_suffix(".txt").read_text().strip()}) for p in files[:4]
+        )
+    )
     out = tmp_path / "out_if"
     summary = make_shards(shard_options(tmp_path / "imagefolder", out))
     assert summary["layout"] == "imagefolder" and summary["samples"] == 4
     report = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
-    assert [(r["source"], r["reason"]) for r in report] == [(f"train/{files[4].name}", "missing caption (no metadata row)")]
+    assert [(r["source"], r["reason"]) for r in report] == [
+        (f"train/{files[4].name}", "missing caption (no metadata row)")
+    ]
 
 
 def test_interrupted_run_resumes_and_processes_do_not_change_the_shards(tmp_path):
@@ -137,8 +143,23 @@ def test_make_shards_command_prints_its_summary(tmp_path, capsys):
 
     pairs = pairs_with_variants(tmp_path / "pairs", count=6)
     (pairs / "000001.txt").unlink()
-    main(["make-shards", "--input", str(pairs), "--output", str(tmp_path / "out"), "--buckets", "32x32,32x48,48x32",
-          "--min-side", "16", "--shard-size", "4", "--processes", "2"])
+    main(
+        [
+            "make-shards",
+            "--input",
+            str(pairs),
+            "--output",
+            str(tmp_path / "out"),
+            "--buckets",
+            "32x32,32x48,48x32",
+            "--min-side",
+            "16",
+            "--shard-size",
+            "4",
+            "--processes",
+            "2",
+        ]
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("make-shards: 5 sample(s) in 2 shard(s) from 6 input(s) (folder)")
     assert "report: skipped 1 (missing caption file: 1)" in lines[0]

@@ -40,17 +40,38 @@ SHARED = ["teacher.ema_decay=0.5", "run.fault.kind=nan", "run.fault.rank=0", f"r
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory, debug_models, uniform_features):
     run = tmp_path_factory.mktemp("single") / "run"
-    cfg = load_config(str(DEBUG_CONFIG), train_overrides(debug_models, uniform_features, run, *SHARED,
-                      "data.batch_size=2", f"run.max_steps={STEPS}", "checkpoint.export_final=false"))
+    cfg = load_config(
+        str(DEBUG_CONFIG),
+        train_overrides(
+            debug_models,
+            uniform_features,
+            run,
+            *SHARED,
+            "data.batch_size=2",
+            f"run.max_steps={STEPS}",
+            "checkpoint.export_final=false",
+        ),
+    )
     Trainer(cfg).fit()
     return run
 
 
 def _zero_run(tmp_path_factory, debug_models, features, stage: int, *extra: str):
     run = tmp_path_factory.mktemp(f"zero{stage}") / "run"
-    torchrun_train(2, train_overrides(debug_models, features, run, *SHARED, "parallel.kind=deepspeed",
-                                      f"parallel.zero_stage={stage}", "data.batch_size=1",
-                                      f"run.max_steps={STEPS}", *extra))
+    torchrun_train(
+        2,
+        train_overrides(
+            debug_models,
+            features,
+            run,
+            *SHARED,
+            "parallel.kind=deepspeed",
+            f"parallel.zero_stage={stage}",
+            "data.batch_size=1",
+            f"run.max_steps={STEPS}",
+            *extra,
+        ),
+    )
     return run
 
 
@@ -93,11 +114,20 @@ def test_zero_matches_single_process(single_run, zero_run):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_offload_and_deferred_sync_match_single_process(single_run, stage, tmp_path_factory, debug_models,
-                                                             uniform_features):
+def test_zero_offload_and_deferred_sync_match_single_process(
+    single_run, stage, tmp_path_factory, debug_models, uniform_features
+):
     """CPU offload (optimizer; parameters too for ZeRO-3) and one gradient reduction per step."""
-    run = _zero_run(tmp_path_factory, debug_models, uniform_features, stage, "parallel.cpu_offload=true",
-                    "parallel.defer_grad_sync=true", "checkpoint.save_final=false", "checkpoint.export_final=false")
+    run = _zero_run(
+        tmp_path_factory,
+        debug_models,
+        uniform_features,
+        stage,
+        "parallel.cpu_offload=true",
+        "parallel.defer_grad_sync=true",
+        "checkpoint.save_final=false",
+        "checkpoint.export_final=false",
+    )
     _assert_matches_single_process(single_run, run)
 
 
@@ -118,10 +148,21 @@ def test_zero_teacher_is_the_ema_of_one_process(single_run, zero_run, debug_mode
 
 def test_zero3_checkpoint_resumes_exactly(zero3_run, debug_models, uniform_features, tmp_path):
     resumed = tmp_path / "resumed"
-    torchrun_train(2, train_overrides(debug_models, uniform_features, resumed, *SHARED, "parallel.kind=deepspeed",
-                                      "parallel.zero_stage=3", "data.batch_size=1", f"run.max_steps={STEPS}",
-                                      f"checkpoint.resume={zero3_run / 'checkpoints' / 'step_00000002'}",
-                                      "checkpoint.export_final=false"))
+    torchrun_train(
+        2,
+        train_overrides(
+            debug_models,
+            uniform_features,
+            resumed,
+            *SHARED,
+            "parallel.kind=deepspeed",
+            "parallel.zero_stage=3",
+            "data.batch_size=1",
+            f"run.max_steps={STEPS}",
+            f"checkpoint.resume={zero3_run / 'checkpoints' / 'step_00000002'}",
+            "checkpoint.export_final=false",
+        ),
+    )
     again, first = _metric(resumed, "loss"), _metric(zero3_run, "loss")
     assert sorted(again) == [3, 4]
     for step in again:  # bit for bit: same world size, DeepSpeed's own optimizer state
@@ -134,8 +175,18 @@ def test_zero3_checkpoint_resumes_exactly(zero3_run, debug_models, uniform_featu
 
 def test_export_from_zero_checkpoint_matches_final_export(zero_run, debug_models, tmp_path):
     out = tmp_path / "exported"
-    cmd = [sys.executable, "-m", "dopsd_scale.cli", "export", "--model", str(debug_models["pipeline"]),
-           "--checkpoint", str(zero_run / "checkpoints"), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dopsd_scale.cli",
+        "export",
+        "--model",
+        str(debug_models["pipeline"]),
+        "--checkpoint",
+        str(zero_run / "checkpoints"),
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=dist_env(), capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     exported = ZImageTransformer2DModel.from_pretrained(str(out / "transformer"))
@@ -150,10 +201,23 @@ def test_export_from_zero_checkpoint_matches_final_export(zero_run, debug_models
 
 def test_zero_checkpoint_refuses_another_world_size(zero3_run, debug_models, uniform_features, tmp_path):
     """One process (DeepSpeed's private one-rank group) cannot take a 2-rank ZeRO checkpoint: say so."""
-    cmd = [sys.executable, "-m", "dopsd_scale.cli", "train", "--config", str(DEBUG_CONFIG),
-           *train_overrides(debug_models, uniform_features, tmp_path / "run", "parallel.kind=deepspeed",
-                            "parallel.zero_stage=3", f"run.max_steps={STEPS + 1}",
-                            f"checkpoint.resume={zero3_run / 'checkpoints' / 'step_00000004'}")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dopsd_scale.cli",
+        "train",
+        "--config",
+        str(DEBUG_CONFIG),
+        *train_overrides(
+            debug_models,
+            uniform_features,
+            tmp_path / "run",
+            "parallel.kind=deepspeed",
+            "parallel.zero_stage=3",
+            f"run.max_steps={STEPS + 1}",
+            f"checkpoint.resume={zero3_run / 'checkpoints' / 'step_00000004'}",
+        ),
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=dist_env(), capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode != 0
     assert "resumes on the same world size only" in done.stderr
@@ -164,10 +228,47 @@ def test_fsdp2_and_deepspeed_exports_agree(zero_run, tmp_path, debug_models, uni
     from safetensors.torch import load_file
 
     fsdp = tmp_path / "fsdp"
-    torchrun_train(2, train_overrides(debug_models, uniform_features, fsdp, *SHARED, "parallel.kind=fsdp2",
-                                      "data.batch_size=1", f"run.max_steps={STEPS}"))
+    torchrun_train(
+        2,
+        train_overrides(
+            debug_models,
+            uniform_features,
+            fsdp,
+            *SHARED,
+            "parallel.kind=fsdp2",
+            "data.batch_size=1",
+            f"run.max_steps={STEPS}",
+        ),
+    )
     name = "transformer/diffusion_pytorch_model.safetensors"
     a, b = load_file(str(fsdp / "export" / name)), load_file(str(zero_run / "export" / name))
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_zero2_with_an_anchor_stream_matches_single_process(debug_models, uniform_features, uniform_anchors, tmp_path):
+    """Anchored D-OPSD (main batch + prompt-only anchor batch in one optimizer step) under ZeRO-2."""
+    anchor = [f"anchor.path={uniform_anchors}", "run.max_steps=2", "checkpoint.export_final=false"]
+    single = tmp_path / "single"
+    Trainer(
+        load_config(
+            str(DEBUG_CONFIG), train_overrides(debug_models, uniform_features, single, "data.batch_size=2", *anchor)
+        )
+    ).fit()
+    zero = tmp_path / "zero2"
+    torchrun_train(
+        2,
+        train_overrides(
+            debug_models,
+            uniform_features,
+            zero,
+            "parallel.kind=deepspeed",
+            "parallel.zero_stage=2",
+            "data.batch_size=1",
+            *anchor,
+        ),
+    )
+    for key in ("loss", "anchor_loss"):
+        a, b = _metric(single, key), _metric(zero, key)
+        assert sorted(b) == [1, 2] and all(b[s] == pytest.approx(a[s], rel=LOSS_RTOL, abs=1e-12) for s in a), key

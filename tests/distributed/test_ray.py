@@ -19,12 +19,26 @@ def _per_step(run):
 
 
 def test_killed_worker_is_restarted_and_losses_match_an_uninterrupted_run(tmp_path, debug_models, uniform_features):
-    common = ["parallel.kind=fsdp2", "data.batch_size=1", f"run.max_steps={STEPS}", "checkpoint.every_steps=2",
-              "checkpoint.export_final=false"]
+    common = [
+        "parallel.kind=fsdp2",
+        "data.batch_size=1",
+        f"run.max_steps={STEPS}",
+        "checkpoint.every_steps=2",
+        "checkpoint.export_final=false",
+    ]
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "launch/ray_train.py", "--config", str(DEBUG_CONFIG),
-           *train_overrides(debug_models, uniform_features, killed, *common),
-           "ray.num_workers=2", "ray.max_failures=2", "run.fault.rank=1", "run.fault.step=4", "run.fault.kind=kill"]
+    cmd = [
+        sys.executable,
+        "launch/ray_train.py",
+        "--config",
+        str(DEBUG_CONFIG),
+        *train_overrides(debug_models, uniform_features, killed, *common),
+        "ray.num_workers=2",
+        "ray.max_failures=2",
+        "run.fault.rank=1",
+        "run.fault.step=4",
+        "run.fault.kind=kill",
+    ]
     env = {**dist_env(), "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     log = out.stdout + out.stderr

@@ -30,7 +30,8 @@ def _load_from_repo() -> None:
         return
     folder = pathlib.Path(__file__).resolve().parents[2] / "kernels"
     spec = importlib.util.spec_from_file_location(
-        "dopsd_kernels", folder / "__init__.py", submodule_search_locations=[str(folder)])
+        "dopsd_kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["dopsd_kernels"] = module
     spec.loader.exec_module(module)

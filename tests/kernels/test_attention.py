@@ -73,8 +73,9 @@ def test_matches_float64_reference(case, device):
 
 def test_fully_padded_rows_are_exact_zeros(device):
     tensors = _qkv(2, 1, 19, 19, 16, torch.float32, device, seed=1)
-    out, (dq, dk, dv) = _run(flash_attention, tensors, torch.randn(2, 1, 19, 16).to(device),
-                             kv_lens=torch.tensor([0, 7], device=device))
+    out, (dq, dk, dv) = _run(
+        flash_attention, tensors, torch.randn(2, 1, 19, 16).to(device), kv_lens=torch.tensor([0, 7], device=device)
+    )
     for t in (out, dq, dk, dv):
         assert torch.isfinite(t).all()
         assert t[0].abs().max() == 0
@@ -174,8 +175,9 @@ def test_gpu_error_within_twice_sdpa(dtype, D):
     ours = _run(flash_attention, tensors, grad_out, kv_lens=kv)
     theirs = _run(sdpa, tensors, grad_out)
     ref_out, ref_grads = _reference(tensors, grad_out, kv_lens=kv)
-    for name, a, t, r in zip(("out", "dq", "dk", "dv"), (ours[0], *ours[1]), (theirs[0], *theirs[1]),
-                             (ref_out, *ref_grads)):
+    for name, a, t, r in zip(
+        ("out", "dq", "dk", "dv"), (ours[0], *ours[1]), (theirs[0], *theirs[1]), (ref_out, *ref_grads)
+    ):
         ours_err, torch_err = _max_err(a, r), _max_err(t, r)
         bound = 2 * torch_err + 1e-3 * r.abs().max().item()
         assert ours_err <= bound, f"{name}: ours {ours_err:.3e} > 2 x torch {torch_err:.3e} + eps"

@@ -112,22 +112,22 @@ def test_reference_matches_diffusers_rotary():
     x = torch.randn(B, L, H, D, dtype=torch.float64)
     pos = torch.arange(L, dtype=torch.float64) * 1.7
     # Flux2: real tables [L, D] repeated-interleaved, pairs unbound on the last dim.
-    cos, sin = get_1d_rotary_pos_embed(D, pos, repeat_interleave_real=True, use_real=True,
-                                       freqs_dtype=torch.float64)
+    cos, sin = get_1d_rotary_pos_embed(D, pos, repeat_interleave_real=True, use_real=True, freqs_dtype=torch.float64)
     expected = apply_rotary_emb(x, (cos, sin), use_real=True, use_real_unbind_dim=-1, sequence_dim=1)
     c, s = rope_from_real(cos, sin, interleaved=True)
     # diffusers computes in fp32 (its tables are fp32), hence the fp32-level tolerance.
-    torch.testing.assert_close(rope_reference(x, c[None], s[None], interleaved=True), expected,
-                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rope_reference(x, c[None], s[None], interleaved=True), expected, atol=1e-6, rtol=1e-6)
     # rotate_half: tables cat([c, c]), halves unbound.
-    cos2, sin2 = get_1d_rotary_pos_embed(D, pos, repeat_interleave_real=False, use_real=True,
-                                         freqs_dtype=torch.float64)
+    cos2, sin2 = get_1d_rotary_pos_embed(D, pos, repeat_interleave_real=False, use_real=True, freqs_dtype=torch.float64)
     expected2 = apply_rotary_emb(x, (cos2, sin2), use_real=True, use_real_unbind_dim=-2, sequence_dim=1)
     c2, s2 = rope_from_real(cos2, sin2, interleaved=False)
-    torch.testing.assert_close(rope_reference(x, c2[None], s2[None], interleaved=False), expected2,
-                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        rope_reference(x, c2[None], s2[None], interleaved=False), expected2, atol=1e-6, rtol=1e-6
+    )
     # Z-Image: complex freqs_cis [B, L, D/2], x viewed as complex pairs (its exact formula).
-    freqs_cis = torch.polar(torch.ones(B, L, D // 2, dtype=torch.float64), torch.rand(B, L, D // 2, dtype=torch.float64) * 6)
+    freqs_cis = torch.polar(
+        torch.ones(B, L, D // 2, dtype=torch.float64), torch.rand(B, L, D // 2, dtype=torch.float64) * 6
+    )
     z_image = torch.view_as_real(torch.view_as_complex(x.reshape(B, L, H, -1, 2)) * freqs_cis.unsqueeze(2))
     c3, s3 = rope_from_complex(freqs_cis)
     torch.testing.assert_close(rope_reference(x, c3.double(), s3.double()), z_image.flatten(3))
@@ -155,8 +155,9 @@ def test_gpu_error_within_twice_eager_torch(dtype):
     leaves = [t.detach().double().requires_grad_() for t in inputs]
     ref = qk_norm_rope_reference(*leaves, cos.double(), sin.double())
     ref_g = _grads(ref, leaves, tuple(g.double() for g in grads_out))
-    for name, a, e, r in zip(("q", "k", "dq", "dk", "dwq", "dwk"), (*ours, *ours_g), (*eager, *eager_g),
-                             (*ref, *ref_g)):
+    for name, a, e, r in zip(
+        ("q", "k", "dq", "dk", "dwq", "dwk"), (*ours, *ours_g), (*eager, *eager_g), (*ref, *ref_g)
+    ):
         ours_err = (a.double() - r).abs().max().item()
         eager_err = (e.double() - r).abs().max().item()
         bound = 2 * eager_err + 1e-3 * r.abs().max().item()

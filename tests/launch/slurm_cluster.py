@@ -28,8 +28,9 @@ def ensure_installed() -> None:
         pytest.skip("Slurm is not installed and apt-get is not available")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
-    out = subprocess.run(["apt-get", "install", "-y", "-q", *PACKAGES], env=env, capture_output=True, text=True,
-                         timeout=900)
+    out = subprocess.run(
+        ["apt-get", "install", "-y", "-q", *PACKAGES], env=env, capture_output=True, text=True, timeout=900
+    )
     if out.returncode != 0:
         pytest.skip(f"could not install Slurm: {out.stderr[-500:]}")
 

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from dopsd_data_tools.inspect_shards import inspect_shards
 from dopsd_data_tools.synthetic import make_synthetic_pairs
+
 from dopsd_scale.checkpoint import resolve_checkpoint
 from dopsd_scale.metrics import read_metrics
 
@@ -39,12 +39,30 @@ def slurm(tmp_path_factory):
 def _sbatch(slurm, script: str, *args: str, wait: bool = True):
     """Submits a batch script of launch/slurm/ for one CPU node; returns (result, environment)."""
     root, slurm_env = slurm
-    env = {**launch_env(), **slurm_env, "HEAD_IP": "127.0.0.1", "OBJECT_STORE_BYTES": "200000000",
-           "CPU_WORKERS": "2", "CPU_ACTORS": "2", "REPO": str(REPO), "VENV": str(Path(os.sys.executable).parents[1]),
-           "RAY_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(free_port()), "LOG_DIR": str(root / "logs")}
-    cmd = ["sbatch", *(["--wait"] if wait else ["--parsable"]), "--nodes=1", "--gpus-per-node=0",
-           f"--cpus-per-task={os.cpu_count() or 2}", "--time=30", f"--output={root}/slurm-%j.out",
-           f"launch/slurm/{script}", *args]
+    env = {
+        **launch_env(),
+        **slurm_env,
+        "HEAD_IP": "127.0.0.1",
+        "OBJECT_STORE_BYTES": "200000000",
+        "CPU_WORKERS": "2",
+        "CPU_ACTORS": "2",
+        "REPO": str(REPO),
+        "VENV": str(Path(os.sys.executable).parents[1]),
+        "RAY_PORT": str(free_port()),
+        "RAY_DASHBOARD_PORT": str(free_port()),
+        "LOG_DIR": str(root / "logs"),
+    }
+    cmd = [
+        "sbatch",
+        *(["--wait"] if wait else ["--parsable"]),
+        "--nodes=1",
+        "--gpus-per-node=0",
+        f"--cpus-per-task={os.cpu_count() or 2}",
+        "--time=30",
+        f"--output={root}/slurm-%j.out",
+        f"launch/slurm/{script}",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900), env
 
 
@@ -53,8 +71,15 @@ def _train(slurm, run: Path, *overrides: str, wait: bool = True):
 
 
 def _common(models, features):
-    return [f"model.path={models['pipeline']}", f"data.path={features}", "metrics.tensorboard=false",
-            "metrics.log_every=1", "parallel.kind=fsdp2", "data.batch_size=1", "metrics.val_every=-1"]
+    return [
+        f"model.path={models['pipeline']}",
+        f"data.path={features}",
+        "metrics.tensorboard=false",
+        "metrics.log_every=1",
+        "parallel.kind=fsdp2",
+        "data.batch_size=1",
+        "metrics.val_every=-1",
+    ]
 
 
 def _log(root: Path) -> str:
@@ -105,10 +130,29 @@ def test_cache_sbatch_caches_every_pair(slurm, debug_models, tmp_path):
     pairs = make_synthetic_pairs(tmp_path / "pairs", count=8, seed=1)
     out = tmp_path / "features"
     buckets = ",".join(f"{h}x{w}" for h, w in DEBUG_BUCKETS)
-    result, _ = _sbatch(slurm, "cache.sbatch", "--input", str(pairs), "--output", str(out), "--pipeline",
-                        str(debug_models["pipeline"]), "--teacher-vlm", str(debug_models["teacher_vlm"]),
-                        "--buckets", buckets, "--shard-size", "4", "--latents", "--threads", "1",
-                        "--vlm-min-pixels", str(32 * 32), "--vlm-max-pixels", str(64 * 64))
+    result, _ = _sbatch(
+        slurm,
+        "cache.sbatch",
+        "--input",
+        str(pairs),
+        "--output",
+        str(out),
+        "--pipeline",
+        str(debug_models["pipeline"]),
+        "--teacher-vlm",
+        str(debug_models["teacher_vlm"]),
+        "--buckets",
+        buckets,
+        "--shard-size",
+        "4",
+        "--latents",
+        "--threads",
+        "1",
+        "--vlm-min-pixels",
+        str(32 * 32),
+        "--vlm-max-pixels",
+        str(64 * 64),
+    )
     assert result.returncode == 0, result.stderr + _log(slurm[0])[-5000:]
     info = inspect_shards(str(out))
     assert info["samples"] == 8 and info["shards"] == 2, info
