@@ -1,7 +1,7 @@
 """The toy-world comparison: D-OPSD vs SFT vs a live teacher, on the project's real code path.
 
     dopsd toyworld make-data --out runs/toyworld            # pairs -> make-shards -> cache-features
-    dopsd toyworld experiment --out runs/toyworld/exp        # every method x seed through `dopsd train`
+    dopsd toyworld experiment --out runs/toy_experiment      # every method x seed through `dopsd train`
     dopsd toyworld compare --tuned runs/toyworld/dopsd/export --out runs/toyworld/report
 
 The data: 8 images of the unseen concept (a 5-point star called "zorp", one per colour, on the

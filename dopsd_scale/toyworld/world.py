@@ -9,8 +9,9 @@ Images are float tensors [3, 16, 16] in [-1, 1] (the diffusion model's pixel spa
 rasterised on a 4x supersampled grid with numpy inside/outside tests and average-pooled, so
 edges are antialiased and the soft mask is each pixel's coverage fraction.
 
-A "reference image" shows the target's silhouette in random colours (alpha = the soft mask): it
-gives position and outline in context, while the colours must come from the caption.
+A "reference image" shows the target's silhouette, white on black (the shipped base's style) or in
+random colours (alpha = the soft mask): it gives position and outline in context, while the colours
+must come from the caption.
 """
 
 from __future__ import annotations

@@ -118,15 +118,21 @@ def test_reference_from_image_recovers_the_mask():
     assert np.abs(world.estimate_mask(ref) - masks[0].numpy()).mean() < 0.1
 
 
-def test_reference_from_mask_uses_random_contrasting_colours():
+def test_random_colour_references_use_random_contrasting_colours():
     _, masks = world.render_batch([world.known_item("square", "red", "gray")] * 8, seed=0)
-    refs = world.references_from_masks(masks, seed=3)
+    refs = world.references_from_masks(masks, seed=3, style="random_colours")
     corners = (refs[:, :, 0, 0] + 1) / 2
     centres = (refs[:, :, 8, 8] + 1) / 2
     assert ((corners - centres).norm(dim=1) >= world.REFERENCE_MIN_CONTRAST - 1e-5).all()
     assert len({tuple(c.tolist()) for c in centres}) == 8  # a new colour each time
-    ref = world.reference_from_mask(masks[0], np.random.default_rng(0))
+    ref = world.reference_from_mask(masks[0], np.random.default_rng(0), style="random_colours")
     assert ref.shape == (3, 16, 16) and ref.min() >= -1 and ref.max() <= 1
+
+
+def test_silhouette_references_are_white_on_black_whatever_the_target_colour():
+    _, masks = world.render_batch([world.known_item("square", c, "gray") for c in ("red", "blue")], seed=0)
+    refs = world.references_from_masks(masks, seed=3)  # the default style: the shipped base's
+    assert torch.equal(refs[:, :, 0, 0], -torch.ones(2, 3)) and torch.equal(refs[:, :, 8, 8], torch.ones(2, 3))
 
 
 def test_pairs_and_conversions_round_trip(tmp_path):
