@@ -92,7 +92,7 @@ def write_report(results: dict, out: Path) -> None:
     final = max((r["step"] for r in rows), default=0)
     text = [
         "# Toy-world comparison\n",
-        f"Settings: {results.get('settings', {})}\n",
+        f"Settings of the latest call (earlier calls' runs are in the tables too): {results.get('settings', {})}\n",
         "\n## Final step\n",
         format_table(rows, steps=[final], real=results.get("real")),
         "\n## Every evaluated step\n",
