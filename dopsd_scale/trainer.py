@@ -309,15 +309,19 @@ class Trainer:
         self.metrics.close()
 
     def log_metrics(self, step_stats: StepStats) -> None:
-        """The logging step's one device-to-host transfer of the step's metrics."""
+        """The logging step's metrics: one device-to-host transfer of the step's statistics, then
+        one mean and one max over ranks of everything that is reduced (two collectives)."""
         stats, anchor, grad_norm = step_to_host(step_stats)
         local = self.throughput.report()
-        loss, gap_mean, wait_mean = all_reduce_mean(
-            [stats.loss, mean_present(stats.gap_per_step), local["data_wait_share"]], self.device
-        )
-        samples, flops = (
-            v * self.world_size for v in all_reduce_mean([local["samples_per_s"], local["tflops"]], self.device)
-        )
+        means = [stats.loss, mean_present(stats.gap_per_step), local["data_wait_share"]]
+        means += [local["samples_per_s"], local["tflops"]]
+        if anchor is not None:
+            means += [anchor.loss, mean_present(anchor.gap_per_step)]
+        peak_mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
+        maxes = [float(self.loader.skipped), local["data_wait_share"], peak_mem]
+        loss, gap_mean, wait_mean, samples, flops, *anchor_means = all_reduce_mean(means, self.device)
+        skipped, wait_max, peak_mem = all_reduce_max(maxes, self.device)
+        samples, flops = samples * self.world_size, flops * self.world_size
         record: dict[str, Any] = {
             "loss": loss,
             "grad_norm": grad_norm,
@@ -325,11 +329,11 @@ class Trainer:
             "skipped_nonfinite": self.skipped_nonfinite,
             "batches_consumed": self.loader.consumed,
             "data_epoch": self.loader.epoch,
-            "data_skipped": all_reduce_max([float(self.loader.skipped)], self.device)[0],
+            "data_skipped": skipped,
             "samples_per_s": samples,
             "tflops": flops,
             "data_wait_share": wait_mean,
-            "data_wait_share_max": all_reduce_max([local["data_wait_share"]], self.device)[0],
+            "data_wait_share_max": wait_max,
         }
         if self.peak_tflops:
             record["mfu"] = flops * 1e12 / (self.peak_tflops * 1e12 * self.world_size)
@@ -340,13 +344,9 @@ class Trainer:
         if any(g is not None for g in stats.gap_per_step):
             record["teacher_student_gap"] = gap_mean
         if anchor is not None:
-            record["anchor_loss"], record["anchor_gap"] = all_reduce_mean(
-                [anchor.loss, mean_present(anchor.gap_per_step)], self.device
-            )
+            record["anchor_loss"], record["anchor_gap"] = anchor_means
         if self.device.type == "cuda":
-            record["peak_mem_gib"] = all_reduce_max(
-                [torch.cuda.max_memory_allocated(self.device) / 2**30], self.device
-            )[0]
+            record["peak_mem_gib"] = peak_mem
         self.metrics.log(self.step, record)
         if self.on_log is not None:
             self.on_log(self.step, record)
