@@ -24,7 +24,7 @@ from dopsd_scale.trainer import Trainer
 REPO = Path(__file__).resolve().parents[1]
 
 MEMORY_PROBE = r"""
-import copy, resource, sys, torch
+import copy, sys, torch
 from diffusers import ZImageTransformer2DModel
 from dopsd_scale.flow import schedule
 from dopsd_scale.objectives.dopsd import DOPSDObjective
@@ -42,17 +42,27 @@ def velocity(net):
         return -torch.stack(out).squeeze(2)
     return fn
 
-for k in (1, 2, 8):  # ascending: the peak of the process is the peak of the largest K so far
+def status_mib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field))
+
+for k in (1, 2, 8):
     objective = DOPSDObjective(schedule(torch.linspace(1, 1 / k, k).tolist()), per_step_backward=sys.argv[1] == "1")
-    objective(velocity(model), velocity(teacher), torch.randn(1, 4, 96, 96))
+    noise = torch.randn(1, 4, 96, 96)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    before = status_mib("VmRSS:")
+    objective(velocity(model), velocity(teacher), noise)
     model.zero_grad(set_to_none=True)
-    print(k, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)
+    print(k, status_mib("VmHWM:") - before, flush=True)
 """
 
 
 def _peak_mib_per_k() -> tuple[dict[int, float], dict[int, float]]:
-    """Peak RSS (MiB) after each K, one backward of the sum and one per step (two processes at once)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    """Peak RSS growth (MiB) of one step for each K, one backward of the sum and one per step (two
+    processes at once). Large blocks are mmap'ed and unmapped when freed, and the peak is reset
+    before each step, so the growth is what the step holds at once, whatever ran before it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", MEMORY_PROBE, mode],
@@ -73,11 +83,10 @@ def _peak_mib_per_k() -> tuple[dict[int, float], dict[int, float]]:
 
 
 def test_peak_memory_of_a_dopsd_step_does_not_grow_with_k():
-    """One process per mode (peak RSS only grows, so K runs in ascending order): 2,304 image tokens
-    make the activations of one roll-out step (A, about 70 MiB) dominate. With one backward per
-    step the peak stays where K = 2 put it (K = 2 adds a one-off: gradient accumulation and the
-    allocator's new layout); with one backward of the sum it grows by about A per step, which
-    shows the measurement can fail."""
+    """One process per mode: 2,304 image tokens make the activations of one roll-out step (A,
+    about 60-70 MiB) dominate. With one backward per step the step's peak stays flat in K (measured:
+    72 / 62 / 62 MiB for K = 1 / 2 / 8); with one backward of the sum it grows by about A per step
+    (72 / 119 / 474 MiB), which shows the measurement can fail."""
     summed, per_step = _peak_mib_per_k()
     step_activations = summed[2] - summed[1]
     assert step_activations > 20, summed  # the model is big enough for the measurement to mean something
