@@ -4,7 +4,7 @@ Input: image shards from `make-shards` (a directory, glob or brace pattern, or `
 with `--input-manifest`), or a plain folder of `<key>.<image>` + `<key>.txt` pairs. Each input
 shard becomes one feature shard `features-<i>.tar` (i = its position in the input list; the
 manifest's `sources` names the image shard), written by one task: in this process, or spread
-over Ray actors, one per GPU (see `ray_pool.py`). Every caption variant is encoded (see
+over Ray actors, one per GPU (see `dopsd_scale/task_pool.py`). Every caption variant is encoded (see
 `dopsd_scale.data.format`). The driver alone writes the manifest, after each finished shard,
 and `journal.jsonl` (each finished shard's report rows): a rerun resumes at the first unfinished
 shard and never recomputes a finished one; a directory whose manifest was produced by other
@@ -28,10 +28,11 @@ from tqdm import tqdm
 from dopsd_scale.contexts import context_class
 from dopsd_scale.data.format import MANIFEST, VAL_PROMPTS, Manifest
 from dopsd_scale.data.shards import resolve_shards, shard_name
+from dopsd_scale.task_pool import make_pool
 
 from .common import InputError, ManifestMismatch, check_or_create_manifest, format_counts, reason_counts, write_report
+from .encode_shard import ShardEncoder
 from .prompts import plan_prompt_tasks
-from .ray_pool import make_pool
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -199,9 +200,11 @@ def cache_features(opts: CacheOptions) -> dict:
     tasks, input_info, buckets = plan_tasks(opts, listing_report)
     worker_opts = {**asdict(opts), "buckets": [list(b) for b in buckets], **resolve_model(opts)}
     context_class(worker_opts["teacher_context"]).check_options(worker_opts)  # before any model loads
-    pool = make_pool(worker_opts, opts.actors, opts.ray_address, opts.retries)
+    pool = make_pool(
+        ShardEncoder, worker_opts, opts.actors, opts.ray_address, opts.retries, noun="shard", object_store_mb=512
+    )
     try:
-        producer = {**pool.producer(), "input": input_info}
+        producer = {**pool.first("producer"), "input": input_info}
         manifest = check_or_create_manifest(out, producer)
         todo = [t for t in tasks if t["name"] not in manifest.shards]
         bar = tqdm(total=len(todo), desc="cache-features", unit="shard")
@@ -225,7 +228,7 @@ def cache_features(opts: CacheOptions) -> dict:
         failed = pool.run(todo, finish)
         bar.close()
         if not (out / VAL_PROMPTS).is_file() or todo:
-            pool.write_val_prompts(str(out / VAL_PROMPTS), default_val_prompts(opts, tasks))
+            pool.first("write_val_prompts", str(out / VAL_PROMPTS), default_val_prompts(opts, tasks))
     finally:
         pool.close()
     return _summarize(

@@ -16,6 +16,8 @@ import torch  # noqa: E402  (does not import triton)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,16 @@ from dopsd_scale.models.debug_assets import make_debug_models
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = REPO / "launch" / "configs" / "debug_zimage.yaml"
 DEBUG_BUCKETS = [(32, 32), (32, 48), (48, 32)]
+
+
+def run_dopsd(*args: str, env: dict | None = None, timeout: int = 300, check: bool = True):
+    """`python -m dopsd_scale.cli ARGS` from the repo root (output captured as text); with `check`,
+    a non-zero exit fails the test with the command's stderr."""
+    cmd = [sys.executable, "-m", "dopsd_scale.cli", *args]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and done.returncode != 0:
+        raise AssertionError(f"dopsd {args[0]} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return done
 
 
 @pytest.fixture(scope="session")

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import yaml
 
 from dopsd_scale.config import ConfigError, load_config
 
-from .conftest import DEBUG_CONFIG, REPO
+from .conftest import DEBUG_CONFIG, REPO, run_dopsd
 
 
 def test_precedence_defaults_yaml_overrides(make_config):
@@ -54,18 +51,16 @@ def test_missing_or_broken_file(tmp_path):
 
 
 def test_cli_wrong_config_is_one_line_error(debug_models, features, tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "dopsd_scale.cli",
+    out = run_dopsd(
         "train",
         "--config",
         str(DEBUG_CONFIG),
         f"model.path={debug_models['pipeline']}",
         f"data.path={features}",
         "teacher.ema_decay=2",
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("dopsd train: error: config field 'teacher.ema_decay'")

@@ -7,9 +7,6 @@ adapter in the stock ZImagePipeline gives our sampler's images, and so does the 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -28,7 +25,7 @@ from dopsd_scale.sample import checkpoint_transformer, resolve_spec
 from dopsd_scale.teacher import AdapterTeacher
 from dopsd_scale.trainer import Trainer
 
-from .conftest import REPO
+from .conftest import run_dopsd
 
 STEPS = 4
 # rank 4, alpha 8: the scale 2 is a power of two, so folding it into lora_B at export is exact
@@ -210,10 +207,7 @@ def test_exports_give_our_samplers_images_in_the_stock_pipeline(lora_run, debug_
 def test_cli_export_of_a_lora_checkpoint_matches_the_final_export(lora_run, debug_models, tmp_path):
     _, run, _ = lora_run
     out = tmp_path / "exported"
-    cmd = [
-        sys.executable,
-        "-m",
-        "dopsd_scale.cli",
+    run_dopsd(
         "export",
         "--model",
         str(debug_models["pipeline"]),
@@ -221,8 +215,7 @@ def test_cli_export_of_a_lora_checkpoint_matches_the_final_export(lora_run, debu
         str(run / "checkpoints"),
         "--out",
         str(out),
-    ]
-    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=300)
+    )
     a, b = load_file(str(out / "lora" / LORA_WEIGHT_NAME)), load_file(str(run / "export" / "lora" / LORA_WEIGHT_NAME))
     assert a.keys() == b.keys() and all(k.startswith("transformer.layers.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)

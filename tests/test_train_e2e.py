@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from diffusers import ZImagePipeline, ZImageTransformer2DModel
@@ -16,7 +13,7 @@ from dopsd_scale.metrics import read_metrics
 from dopsd_scale.models import Condition
 from dopsd_scale.trainer import Trainer
 
-from .conftest import DEBUG_CONFIG, REPO
+from .conftest import DEBUG_CONFIG, run_dopsd
 
 
 def _config(run_dir, debug_models, features, *overrides):
@@ -101,10 +98,7 @@ def test_exported_pipeline_runs_in_stock_zimage_pipeline(trained):
 def test_cli_sample_and_export_from_checkpoint(trained, debug_models, tmp_path):
     _, run = trained
     samples = tmp_path / "samples"
-    cmd = [
-        sys.executable,
-        "-m",
-        "dopsd_scale.cli",
+    run_dopsd(
         "sample",
         "--model",
         str(debug_models["pipeline"]),
@@ -120,14 +114,10 @@ def test_cli_sample_and_export_from_checkpoint(trained, debug_models, tmp_path):
         "32",
         "--width",
         "48",
-    ]
-    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=300)
+    )
     assert sorted(p.name for p in samples.glob("*.png")) == ["grid.png", "sample_000.png", "sample_001.png"]
     out = tmp_path / "exported"
-    cmd = [
-        sys.executable,
-        "-m",
-        "dopsd_scale.cli",
+    run_dopsd(
         "export",
         "--model",
         str(debug_models["pipeline"]),
@@ -135,8 +125,7 @@ def test_cli_sample_and_export_from_checkpoint(trained, debug_models, tmp_path):
         str(run / "checkpoints" / "step_00000012"),
         "--out",
         str(out),
-    ]
-    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=300)
+    )
     ours = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
     final = load_file(str(run / "export" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert ours.keys() == final.keys() and all(torch.equal(ours[k], final[k]) for k in ours)

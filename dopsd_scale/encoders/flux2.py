@@ -79,14 +79,10 @@ class Flux2PromptEncoder:
 
     @classmethod
     def from_pipeline(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", **kw):
-        """`tokenizer/` and `text_encoder/` of a pipeline directory (AutoModel: the Qwen3 backbone
-        of the checkpoint's Qwen3ForCausalLM, whose hidden states are the same, without logits)."""
-        from transformers import AutoModel, AutoTokenizer
+        """`tokenizer/` and `text_encoder/` of a pipeline directory."""
+        from .text import load_pipeline_text_encoder
 
-        path = Path(path)
-        tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
-        model = AutoModel.from_pretrained(str(path / "text_encoder"), dtype=dtype).to(device)
-        return cls(tokenizer, model, **kw)
+        return cls(*load_pipeline_text_encoder(path, dtype, device), **kw)
 
     @property
     def device(self) -> torch.device:

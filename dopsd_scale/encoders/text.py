@@ -19,6 +19,14 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     )
 
 
+def load_pipeline_text_encoder(path: str | Path, dtype: torch.dtype, device: str):
+    """(tokenizer, model) from `tokenizer/` and `text_encoder/` of a diffusers pipeline directory
+    (AutoModel: the Qwen3 backbone of a Qwen3ForCausalLM checkpoint, same hidden states, no logits)."""
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    return tokenizer, AutoModel.from_pretrained(str(path / "text_encoder"), dtype=dtype).to(device)
+
+
 class PromptEncoder:
     """Prompts -> list of unpadded [L_i, D] features (the DiT's caption input)."""
 
@@ -37,10 +45,7 @@ class PromptEncoder:
     @classmethod
     def from_pipeline(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", **kw):
         """Load `tokenizer/` and `text_encoder/` from a diffusers pipeline directory."""
-        path = Path(path)
-        tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
-        model = AutoModel.from_pretrained(str(path / "text_encoder"), dtype=dtype).to(device)
-        return cls(tokenizer, model, **kw)
+        return cls(*load_pipeline_text_encoder(path, dtype, device), **kw)
 
     @property
     def device(self) -> torch.device:

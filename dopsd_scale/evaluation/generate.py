@@ -11,8 +11,8 @@ at its few-step setting, loaded once per worker and model, or the spec's own sam
 without one (the toy world). Image `i` of seed `s` always starts from the noise of generator
 `noise_seed(s, i)`, whatever the batch, so base and tuned models share noise prompt by prompt.
 
-Tasks are whole (model, prompt set, seed) triples. `LocalPool` runs them here; `RayPool` spreads
-them over actors (one GPU each on CUDA), preferring an actor that already holds the task's model;
+Tasks are whole (model, prompt set, seed) triples, run here or spread over Ray actors (one GPU
+each on CUDA; `dopsd_scale/task_pool.py`), preferring an actor that already holds the task's model;
 nothing large travels through Ray (tasks are small dicts, results are counts).
 """
 
@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError
+from ..task_pool import make_pool
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -191,100 +192,8 @@ def load_renderer(ref: ModelRef, opts: dict) -> Callable[[list[str], list[int]],
     return render
 
 
-# ---- pools ---------------------------------------------------------------------------------------
-class LocalPool:
-    """Runs the tasks one after the other in this process (tasks come sorted by model)."""
-
-    def __init__(self, opts: dict, retries: int = 1):
-        self.worker, self.retries = GenerationWorker(opts), retries
-
-    def run(self, tasks: list[dict], on_result: Callable[[dict], None]) -> list[dict]:
-        failed = []
-        for task in tasks:
-            for attempt in range(self.retries + 1):
-                try:
-                    on_result(self.worker.run(task))
-                    break
-                except Exception as err:  # what it wrote stays; a retry renders only the rest
-                    log.warning("generation %s failed (try %d): %s", task["name"], attempt + 1, err)
-                    if attempt == self.retries:
-                        failed.append({"name": task["name"], "error": f"{type(err).__name__}: {err}"})
-        return failed
-
-    def close(self) -> None:
-        self.worker = None
-
-
-class RayPool:
-    """`actors` Ray actors holding a GenerationWorker each (one GPU each on CUDA)."""
-
-    def __init__(self, opts: dict, actors: int, address: Optional[str] = None, retries: int = 1):
-        import ray
-
-        if not ray.is_initialized():
-            kwargs = {} if address else {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
-            ray.init(address=address or "local", log_to_driver=False, **kwargs)
-        self.ray, self.opts, self.retries = ray, opts, retries
-        gpu = opts["device"].startswith("cuda")
-        self.actor_cls = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1)(GenerationWorker)
-        self.actors = [self.actor_cls.remote(opts) for _ in range(actors)]
-        self.holds: list[Optional[str]] = [None] * actors  # the model name each actor last loaded
-
-    def _pick(self, queue: list, actor: int) -> tuple[dict, int]:
-        """The first queued task of the model this actor holds, else the first task."""
-        for k, (task, _) in enumerate(queue):
-            if task["model"]["name"] == self.holds[actor]:
-                return queue.pop(k)
-        return queue.pop(0)
-
-    def run(self, tasks: list[dict], on_result: Callable[[dict], None]) -> list[dict]:
-        ray = self.ray
-        queue, idle, running, failed = [(t, 0) for t in tasks], list(range(len(self.actors))), {}, []
-        while queue or running:
-            while queue and idle:
-                a = idle.pop(0)
-                task, attempt = self._pick(queue, a)
-                self.holds[a] = task["model"]["name"]
-                running[self.actors[a].run.remote(task)] = (a, task, attempt)
-            [ref], _ = ray.wait(list(running), num_returns=1)
-            a, task, attempt = running.pop(ref)
-            result, error = None, ""
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayActorError as err:
-                self.actors[a], self.holds[a] = self.actor_cls.remote(self.opts), None
-                error = f"actor died: {err}"
-            except ray.exceptions.RayTaskError as err:
-                error = f"{type(err.cause).__name__}: {err.cause}" if err.cause else str(err)
-            idle.append(a)
-            if result is not None:
-                on_result(result)
-            elif attempt < self.retries:
-                log.warning("generation %s failed (try %d): %s; retrying", task["name"], attempt + 1, error)
-                queue.append((task, attempt + 1))
-            else:
-                failed.append({"name": task["name"], "error": error})
-        return failed
-
-    def close(self) -> None:
-        for actor in self.actors:
-            self.ray.kill(actor)
-        self.actors = []
-
-
-def make_pool(opts: dict, workers: int, address: Optional[str], retries: int = 1):
-    """In this process when `workers` is 0 and no cluster address is given, else Ray actors
-    (with an address and no count: one per GPU of the cluster, or one per CPU without GPUs)."""
-    if workers <= 0 and not address:
-        return LocalPool(opts, retries)
-    if workers <= 0:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(address=address, log_to_driver=False)
-        key = "GPU" if opts["device"].startswith("cuda") else "CPU"
-        workers = max(1, int(ray.cluster_resources().get(key, 1)))
-    return RayPool(opts, workers, address, retries)
+def _model_name(task: dict) -> str:
+    return task["model"]["name"]
 
 
 # ---- the whole generation ----------------------------------------------------------------------------
@@ -339,7 +248,7 @@ def generate_all(
         totals["cached"] += result["cached"]
         log.info("%s: %d generated, %d cached", result["name"], result["generated"], result["cached"])
 
-    pool = make_pool(opts, workers, address, retries)
+    pool = make_pool(GenerationWorker, opts, workers, address, retries, "generation", affinity=_model_name)
     try:
         failed = pool.run(make_tasks(models, prompt_sets, seeds), on_result)
     finally:

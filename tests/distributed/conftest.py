@@ -14,6 +14,9 @@ import pytest
 from dopsd_data_tools.cache_features import cache_features
 from dopsd_data_tools.synthetic import make_synthetic_pairs
 
+from dopsd_scale.config import load_config
+from dopsd_scale.trainer import Trainer
+
 from ..conftest import DEBUG_CONFIG, REPO, debug_cache_options
 
 
@@ -72,6 +75,17 @@ def train_overrides(models, features, run_dir, *extra) -> list[str]:
         "run.deterministic=true",
         *extra,
     ]
+
+
+def train_single(run_dir: Path, models, features, *extra: str) -> Path:
+    """The single-process reference run (global batch 2) the sharded runs are compared with."""
+    cfg = load_config(
+        str(DEBUG_CONFIG),
+        train_overrides(models, features, run_dir, "data.batch_size=2", "checkpoint.export_final=false", *extra),
+    )
+    with Trainer(cfg) as trainer:
+        trainer.fit()
+    return run_dir
 
 
 def torchrun_train(

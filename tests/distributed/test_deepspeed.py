@@ -14,8 +14,6 @@ show that the trainer's schedule drives what DeepSpeed's optimizer applies.
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,8 +25,8 @@ from dopsd_scale.config import load_config
 from dopsd_scale.metrics import read_metrics
 from dopsd_scale.trainer import Trainer
 
-from ..conftest import DEBUG_CONFIG, REPO
-from .conftest import dist_env, torchrun_train, train_overrides
+from ..conftest import DEBUG_CONFIG, run_dopsd
+from .conftest import dist_env, torchrun_train, train_overrides, train_single
 
 STEPS = 4
 SKIPPED = 2  # the logged step whose update the nan fault skips
@@ -40,20 +38,7 @@ SHARED = ["teacher.ema_decay=0.5", "run.fault.kind=nan", "run.fault.rank=0", f"r
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory, debug_models, uniform_features):
     run = tmp_path_factory.mktemp("single") / "run"
-    cfg = load_config(
-        str(DEBUG_CONFIG),
-        train_overrides(
-            debug_models,
-            uniform_features,
-            run,
-            *SHARED,
-            "data.batch_size=2",
-            f"run.max_steps={STEPS}",
-            "checkpoint.export_final=false",
-        ),
-    )
-    Trainer(cfg).fit()
-    return run
+    return train_single(run, debug_models, uniform_features, *SHARED, f"run.max_steps={STEPS}")
 
 
 def _zero_run(tmp_path_factory, debug_models, features, stage: int, *extra: str):
@@ -175,10 +160,7 @@ def test_zero3_checkpoint_resumes_exactly(zero3_run, debug_models, uniform_featu
 
 def test_export_from_zero_checkpoint_matches_final_export(zero_run, debug_models, tmp_path):
     out = tmp_path / "exported"
-    cmd = [
-        sys.executable,
-        "-m",
-        "dopsd_scale.cli",
+    done = run_dopsd(
         "export",
         "--model",
         str(debug_models["pipeline"]),
@@ -186,8 +168,9 @@ def test_export_from_zero_checkpoint_matches_final_export(zero_run, debug_models
         str(zero_run / "checkpoints"),
         "--out",
         str(out),
-    ]
-    done = subprocess.run(cmd, cwd=REPO, env=dist_env(), capture_output=True, text=True, timeout=300, check=False)
+        env=dist_env(),
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     exported = ZImageTransformer2DModel.from_pretrained(str(out / "transformer"))
     final = ZImageTransformer2DModel.from_pretrained(str(zero_run / "export" / "transformer"))
@@ -201,10 +184,7 @@ def test_export_from_zero_checkpoint_matches_final_export(zero_run, debug_models
 
 def test_zero_checkpoint_refuses_another_world_size(zero3_run, debug_models, uniform_features, tmp_path):
     """One process (DeepSpeed's private one-rank group) cannot take a 2-rank ZeRO checkpoint: say so."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "dopsd_scale.cli",
+    done = run_dopsd(
         "train",
         "--config",
         str(DEBUG_CONFIG),
@@ -217,8 +197,9 @@ def test_zero_checkpoint_refuses_another_world_size(zero3_run, debug_models, uni
             f"run.max_steps={STEPS + 1}",
             f"checkpoint.resume={zero3_run / 'checkpoints' / 'step_00000004'}",
         ),
-    ]
-    done = subprocess.run(cmd, cwd=REPO, env=dist_env(), capture_output=True, text=True, timeout=300, check=False)
+        env=dist_env(),
+        check=False,
+    )
     assert done.returncode != 0
     assert "resumes on the same world size only" in done.stderr
 

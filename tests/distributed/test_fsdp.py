@@ -15,7 +15,7 @@ from dopsd_scale.metrics import read_metrics
 from dopsd_scale.trainer import Trainer
 
 from ..conftest import DEBUG_CONFIG
-from .conftest import torchrun_train, train_overrides
+from .conftest import torchrun_train, train_overrides, train_single
 
 STEPS = 4
 # fp32 everywhere; only the order of reductions differs between the two runs
@@ -25,20 +25,7 @@ LOSS_RTOL = 1e-4
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory, debug_models, uniform_features, uniform_anchors):
     run = tmp_path_factory.mktemp("single") / "run"
-    cfg = load_config(
-        str(DEBUG_CONFIG),
-        train_overrides(
-            debug_models,
-            uniform_features,
-            run,
-            "data.batch_size=2",
-            f"run.max_steps={STEPS}",
-            "checkpoint.export_final=false",
-            f"anchor.path={uniform_anchors}",
-        ),
-    )
-    Trainer(cfg).fit()
-    return run
+    return train_single(run, debug_models, uniform_features, f"run.max_steps={STEPS}", f"anchor.path={uniform_anchors}")
 
 
 def _fsdp_overrides(debug_models, features, anchors, run, *extra):

@@ -13,7 +13,7 @@ from dopsd_scale.sample import export_checkpoint
 from dopsd_scale.trainer import Trainer
 
 from ..conftest import DEBUG_CONFIG
-from .conftest import torchrun_train, train_overrides
+from .conftest import torchrun_train, train_overrides, train_single
 
 STEPS = 4
 LOSS_RTOL = 1e-4  # fp32 everywhere; only the order of reductions differs
@@ -24,21 +24,7 @@ LORA = ["model.finetune=lora", "lora.rank=4", "lora.alpha=8", "teacher.ema_decay
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory, debug_models, uniform_features):
     run = tmp_path_factory.mktemp("lora_single") / "run"
-    cfg = load_config(
-        str(DEBUG_CONFIG),
-        train_overrides(
-            debug_models,
-            uniform_features,
-            run,
-            *LORA,
-            "data.batch_size=2",
-            f"run.max_steps={STEPS}",
-            "checkpoint.export_final=false",
-        ),
-    )
-    with Trainer(cfg) as trainer:
-        trainer.fit()
-    return run
+    return train_single(run, debug_models, uniform_features, *LORA, f"run.max_steps={STEPS}")
 
 
 def _sharded(tmp_path_factory, debug_models, features, kind: str):
