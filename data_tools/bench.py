@@ -1,20 +1,27 @@
 """`dopsd bench-data`: the reader's throughput against a raw read of the same tar bytes, and the
 caching tool's throughput with the tiny debug encoders at two batch sizes. Prints a table.
 
-Reader: the shards are read once raw first (so both measurements come from the page cache and
-the ratio is the reader's own CPU cost: tar parsing, header checks, shuffle, tensor decoding,
-padding), then one epoch goes through `build_loader`. A note under the table compares the reader
-with the same bytes read once into new batch-sized tensors, and names the machine and its load.
-Without `--features` the benchmark writes synthetic feature shards of realistic shape (Z-Image
-widths: D = 2560, student 64-256 tokens, teacher 256-768 tokens, bf16). Caching: debug models ->
-synthetic pairs -> make-shards -> cache-features in this process, timing only the encoding (not
-model loading).
+Reader, measured twice, each against a raw read under the same condition:
+- from disk: every shard's pages are dropped from the page cache (fsync, then
+  `posix_fadvise(DONTNEED)`) before each read; what a training run meets on a shard's first
+  epoch, and what "the speed of the disk" means;
+- from the page cache: the same read with every byte cached, so the ratio is the reader's own
+  CPU cost (tar walk, header checks, shuffle, one copy per tensor into its padded batch row, the
+  padding's zeros) against copying the bytes into one reused 4 MiB buffer, which stays in cache.
+Each figure is the median of `repeats` runs taken in turn (raw, reader, raw, reader, ...);
+the spread is printed. Without `--features` the benchmark writes synthetic feature shards of
+realistic shape (Z-Image widths: D = 2560, student 64-256 tokens, teacher 256-768 tokens,
+bf16). Caching: debug models -> synthetic pairs -> make-shards -> cache-features in this
+process, timing only the encoding (not model loading).
 """
 
 from __future__ import annotations
 
+import os
 import random
+import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,7 +31,7 @@ import webdataset as wds
 
 from dopsd_scale.data.format import FeatureSample, Manifest, encode_sample
 from dopsd_scale.data.reader import build_loader
-from dopsd_scale.data.shards import resolve_shards
+from dopsd_scale.data.shards import READ_AHEAD_THREAD, resolve_shards
 
 
 def write_synthetic_features(out: Path, samples: int, dim: int, shard_size: int = 32, seed: int = 0) -> Path:
@@ -47,55 +54,81 @@ def write_synthetic_features(out: Path, samples: int, dim: int, shard_size: int 
     return out
 
 
-def bench_reader(spec: str, batch_size: int = 4, num_workers: int = 0, manifest: Optional[str] = None) -> dict:
-    shards = resolve_shards(spec, manifest)
-    samples = shards.manifest.num_samples
-    nbytes = sum(Path(u).stat().st_size for u in shards.urls)
+def drop_page_cache(paths: list[str]) -> bool:
+    """Evict the files' pages from the page cache (Linux; dirty pages are written first). False
+    where the platform has no such call (then "from disk" cannot be measured)."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
 
-    def raw_read() -> float:
-        t0 = time.perf_counter()
-        for url in shards.urls:
-            with open(url, "rb") as f:
-                while f.read(1 << 22):
-                    pass
-        return time.perf_counter() - t0
 
-    def one_copy() -> float:
-        """The same bytes read into new batch-sized tensors: what any reader that keeps them pays."""
-        t0 = time.perf_counter()
-        chunk = max(1 << 20, nbytes // samples * batch_size)
-        for url in shards.urls:
-            with open(url, "rb", buffering=0) as f:
-                while f.readinto(torch.empty(chunk, dtype=torch.uint8).numpy()):
-                    pass
-        return time.perf_counter() - t0
+def _raw_read(urls: list[str]) -> float:
+    """Seconds to read every byte into one reused buffer (no allocation in the loop)."""
+    buffer = bytearray(1 << 22)
+    t0 = time.perf_counter()
+    for url in urls:
+        with open(url, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
+    return time.perf_counter() - t0
 
-    raw_read()  # warm the page cache
-    raw = raw_read()
-    copy = min(one_copy(), one_copy())
-    loader = build_loader(
-        spec,
-        batch_size,
-        int(shards.manifest.feature_dim),
-        num_workers=num_workers,
-        shuffle_buffer=16,
-        manifest=manifest,
-    )
-    batches = max(1, samples // batch_size - 2 * len(shards.urls))  # within one epoch despite remainders
+
+def _reader_read(spec: str, batch_size: int, num_workers: int, manifest: Optional[str], feature_dim: int, batches: int):
+    """(samples, seconds) of `batches` batches through `build_loader`, after its first batch."""
+    loader = build_loader(spec, batch_size, feature_dim, num_workers=num_workers, shuffle_buffer=16, manifest=manifest)
     next(loader)  # start-up (worker processes) is not throughput
     t0 = time.perf_counter()
-    seen = sum(len(next(loader)) for _ in range(batches - 1))
-    reader = time.perf_counter() - t0
-    mb_per_sample = nbytes / 1e6 / samples
-    return {
-        "samples": seen,
-        "raw_samples_per_s": samples / raw,
-        "raw_mb_per_s": nbytes / 1e6 / raw,
-        "reader_samples_per_s": seen / reader,
-        "reader_mb_per_s": seen * mb_per_sample / reader,
-        "ratio": (seen / reader) / (samples / raw),
-        "one_copy_samples_per_s": samples / copy,
-    }
+    seen = sum(len(next(loader)) for _ in range(batches))
+    seconds = time.perf_counter() - t0
+    for thread in threading.enumerate():  # shards read ahead must not overlap the next measurement
+        if thread.name == READ_AHEAD_THREAD:
+            thread.join()
+    return seen, seconds
+
+
+def bench_reader(
+    spec: str, batch_size: int = 4, num_workers: int = 0, manifest: Optional[str] = None, repeats: int = 3
+) -> dict[str, dict]:
+    """{"disk" | "cache": {raw_samples_per_s, reader_samples_per_s, ratio, ...}} (medians)."""
+    shards = resolve_shards(spec, manifest)
+    local = shards.urls
+    streamed = [u for u in local if u.startswith("pipe:") or "://" in u]
+    if streamed:
+        raise ValueError(f"{streamed[0]}: bench-data compares against a raw read of local shard files")
+    samples = shards.manifest.num_samples
+    mb_per_sample = sum(Path(u).stat().st_size for u in local) / 1e6 / samples
+    batches = max(1, samples // batch_size - 2 * len(local)) - 1  # within one epoch despite remainders
+    conditions = {"cache": lambda: None}
+    if drop_page_cache(local):
+        conditions = {"disk": lambda: drop_page_cache(local), **conditions}
+    results = {}
+    for name, prepare in conditions.items():
+        raw, reader, seen = [], [], 0
+        _raw_read(local)  # everything cached at first, whatever the previous condition left
+        for _ in range(repeats):
+            prepare()
+            raw.append(samples / _raw_read(local))
+            prepare()
+            seen, seconds = _reader_read(spec, batch_size, num_workers, manifest, shards.manifest.feature_dim, batches)
+            reader.append(seen / seconds)
+        raw_s, reader_s = statistics.median(raw), statistics.median(reader)
+        results[name] = {
+            "samples": seen,
+            "raw_samples_per_s": raw_s,
+            "raw_spread": (min(raw), max(raw)),
+            "reader_samples_per_s": reader_s,
+            "reader_spread": (min(reader), max(reader)),
+            "mb_per_sample": mb_per_sample,
+            "ratio": reader_s / raw_s,
+        }
+    return results
 
 
 def bench_cache(work: Path, count: int = 32, batch_sizes: tuple[int, ...] = (1, 8)) -> dict[int, dict]:
@@ -138,39 +171,40 @@ def run_benchmarks(
     dim: int = 2560,
     cache_count: int = 32,
     cache: bool = True,
+    repeats: int = 3,
 ) -> str:
     """Run both benchmarks and return the table."""
-    lines = ["| benchmark | samples | samples/s | MB/s | ratio |", "|---|---|---|---|---|"]
+    lines = [
+        f"| benchmark | samples | samples/s (median of {repeats}, min-max) | MB/s | reader / raw |",
+        "|---|---|---|---|---|",
+    ]
+    where = {"disk": "from disk", "cache": "from the page cache"}
     with tempfile.TemporaryDirectory(prefix="dopsd-bench-") as tmp:
         work = Path(tmp)
         spec = features or str(write_synthetic_features(work / "synthetic", synthetic_samples, dim))
-        r = bench_reader(spec, batch_size, num_workers, manifest)
-        lines.append(
-            f"| raw read of the tar bytes | {synthetic_samples if not features else '-'} | "
-            f"{r['raw_samples_per_s']:.0f} | {r['raw_mb_per_s']:.0f} | 1.00 |"
-        )
-        lines.append(
-            f"| reader (batch {batch_size}, {num_workers} workers) | {r['samples']} | "
-            f"{r['reader_samples_per_s']:.0f} | {r['reader_mb_per_s']:.0f} | {r['ratio']:.2f} |"
-        )
-        notes = [
-            f"reader / a one-copy read into new batch-sized memory ({r['one_copy_samples_per_s']:.0f} samples/s):"
-            f" {r['reader_samples_per_s'] / r['one_copy_samples_per_s']:.2f} (the reader adds the padding's "
-            "zeros, tar and header parsing, a read per tensor, page faults on new batch memory)",
-            _machine(),
-        ]
+        reader = f"reader (batch {batch_size}, {num_workers} workers)"
+        for name, r in bench_reader(spec, batch_size, num_workers, manifest, repeats).items():
+            total = synthetic_samples if not features else "-"
+            lines.append(_row(f"raw read of the tar bytes, {where[name]}", total, r, "raw", "1.00"))
+            lines.append(_row(f"{reader}, {where[name]}", r["samples"], r, "reader", f"{r['ratio']:.2f}"))
         if cache:
             for bs, c in bench_cache(work / "cache", cache_count).items():
                 lines.append(
                     f"| cache-features, debug encoders, batch {bs} | {c['samples']} | "
                     f"{c['samples_per_s']:.1f} | - | - |"
                 )
-    return "\n".join(lines + [""] + notes)
+    return "\n".join(lines + ["", _machine()])
+
+
+def _row(name: str, samples, result: dict, which: str, ratio: str) -> str:
+    rate, (low, high) = result[f"{which}_samples_per_s"], result[f"{which}_spread"]
+    return (
+        f"| {name} | {samples} | {rate:.0f} ({low:.0f}-{high:.0f}) | {rate * result['mb_per_sample']:.0f} | {ratio} |"
+    )
 
 
 def _machine() -> str:
     """What the numbers depend on: the CPU, its cores and how busy they were."""
-    import os
     import platform
 
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"

@@ -146,6 +146,7 @@ def cmd_bench_data(args: argparse.Namespace) -> None:
             args.dim,
             args.cache_count,
             cache=not args.no_cache,
+            repeats=args.repeats,
         )
     )
 
@@ -262,4 +263,5 @@ def add_data_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dim", type=int, default=2560)
     p.add_argument("--cache-count", type=int, default=32, help="pairs cached per batch size")
     p.add_argument("--no-cache", action="store_true", help="skip the caching benchmark")
+    p.add_argument("--repeats", type=int, default=3, help="runs per reader measurement (the median is shown)")
     p.set_defaults(fn=cmd_bench_data)
