@@ -160,7 +160,7 @@ def start_read_ahead(url: str) -> None:
     be read at the disk's random-access speed, and only while the reader waits. One sequential
     read of the file ahead of the reader (the bytes are dropped; the page cache keeps them)
     makes the reader's own reads memory copies and overlaps the disk with its work.
-    (`posix_fadvise(WILLNEED)` was measured and gained much less: it reads in small pieces.)
+    (`posix_fadvise(WILLNEED)` instead of the read was measured and gained much less.)
     """
     if not url.startswith("pipe:") and "://" not in url:
         threading.Thread(target=_read_through, args=(url,), name=READ_AHEAD_THREAD, daemon=True).start()
