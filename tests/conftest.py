@@ -43,6 +43,22 @@ def run_dopsd(*args: str, env: dict | None = None, timeout: int = 300, check: bo
     return done
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A private local Ray cluster for one test module: 2 CPUs, a small object store, loopback."""
+    ray = pytest.importorskip("ray")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        object_store_memory=96 << 20,
+        include_dashboard=False,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def debug_models(tmp_path_factory) -> dict[str, Path]:
     return make_debug_models(tmp_path_factory.mktemp("assets"))

@@ -47,21 +47,11 @@ def test_local_pool_retries_and_reports_what_still_fails(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ray(tmp_path_factory):
-    ray = pytest.importorskip("ray")
+def ray(local_ray):
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors cannot import tests/
-    ray.init(
-        address="local",
-        num_cpus=2,
-        object_store_memory=96 << 20,
-        include_dashboard=False,
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-    )
-    yield ray
-    ray.shutdown()
+    return local_ray
 
 
 def test_ray_pool_replaces_a_dead_actor_and_retries_its_tasks(ray, tmp_path):

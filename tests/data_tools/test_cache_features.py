@@ -24,22 +24,6 @@ from dopsd_scale.data.reader import build_loader
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray cluster for the module: 2 CPUs, a small object store, loopback only."""
-    ray = pytest.importorskip("ray")
-    ray.init(
-        address="local",
-        num_cpus=2,
-        object_store_memory=96 << 20,
-        include_dashboard=False,
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-    )
-    yield ray
-    ray.shutdown()
-
-
 def options(images: Path, out: Path, models: dict, **kw) -> CacheOptions:
     return CacheOptions(
         input_dir=str(images),
@@ -55,7 +39,7 @@ def options(images: Path, out: Path, models: dict, **kw) -> CacheOptions:
     )
 
 
-def test_two_actors_cache_every_shard_and_every_caption_variant(ray_cluster, image_shards, debug_models, tmp_path):
+def test_two_actors_cache_every_shard_and_every_caption_variant(local_ray, image_shards, debug_models, tmp_path):
     out = tmp_path / "features"
     summary = cache_features(options(image_shards, out, debug_models, actors=2))
     assert summary["samples_written"] == 12 and summary["total_samples"] == 12 and not summary["shards_failed"]
@@ -83,7 +67,7 @@ def _break_shard(path: Path) -> bytes:
 
 
 def test_a_failing_shard_is_retried_then_reported_and_the_others_finish(
-    ray_cluster, image_shards, debug_models, tmp_path
+    local_ray, image_shards, debug_models, tmp_path
 ):
     images = tmp_path / "images"
     shutil.copytree(image_shards, images)
@@ -101,7 +85,7 @@ def test_a_failing_shard_is_retried_then_reported_and_the_others_finish(
     assert verify_shards(str(out), str(images)) == []
 
 
-def test_a_killed_run_resumes_without_recomputing_finished_shards(ray_cluster, image_shards, debug_models, tmp_path):
+def test_a_killed_run_resumes_without_recomputing_finished_shards(local_ray, image_shards, debug_models, tmp_path):
     out = tmp_path / "features"
     # shard 2 of the input hangs (a slow object store), so the kill lands after shards 0 and 1
     slow = (
