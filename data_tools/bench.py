@@ -31,7 +31,7 @@ import webdataset as wds
 
 from dopsd_scale.data.format import FeatureSample, Manifest, encode_sample
 from dopsd_scale.data.reader import build_loader
-from dopsd_scale.data.shards import READ_AHEAD_THREAD, resolve_shards
+from dopsd_scale.data.shards import READ_AHEAD_THREAD, is_local, read_through, resolve_shards
 
 
 def write_synthetic_features(out: Path, samples: int, dim: int, shard_size: int = 32, seed: int = 0) -> Path:
@@ -71,12 +71,9 @@ def drop_page_cache(paths: list[str]) -> bool:
 
 def _raw_read(urls: list[str]) -> float:
     """Seconds to read every byte into one reused buffer (no allocation in the loop)."""
-    buffer = bytearray(1 << 22)
     t0 = time.perf_counter()
     for url in urls:
-        with open(url, "rb", buffering=0) as f:
-            while f.readinto(buffer):
-                pass
+        read_through(url)
     return time.perf_counter() - t0
 
 
@@ -99,8 +96,8 @@ def bench_reader(
     """{"disk" | "cache": {raw_samples_per_s, reader_samples_per_s, ratio, ...}} (medians)."""
     shards = resolve_shards(spec, manifest)
     local = shards.urls
-    streamed = [u for u in local if u.startswith("pipe:") or "://" in u]
-    if streamed:
+    streamed = [u for u in local if not is_local(u)]
+    if streamed:  # a raw read needs the files themselves
         raise ValueError(f"{streamed[0]}: bench-data compares against a raw read of local shard files")
     samples = shards.manifest.num_samples
     mb_per_sample = sum(Path(u).stat().st_size for u in local) / 1e6 / samples

@@ -149,6 +149,19 @@ class TarMember:
                 done += n
 
 
+def is_local(url: str) -> bool:
+    """A shard in a local file (random access), not a `pipe:` command or a remote URL (streamed)."""
+    return not url.startswith("pipe:") and "://" not in url
+
+
+def read_through(path: str) -> None:
+    """Read a file from start to end into one reused buffer (the bytes are dropped)."""
+    buffer = bytearray(1 << 22)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buffer):
+            pass
+
+
 READ_AHEAD_THREAD = "dopsd-read-ahead"
 
 
@@ -162,16 +175,13 @@ def start_read_ahead(url: str) -> None:
     makes the reader's own reads memory copies and overlaps the disk with its work.
     (`posix_fadvise(WILLNEED)` instead of the read was measured and gained much less.)
     """
-    if not url.startswith("pipe:") and "://" not in url:
-        threading.Thread(target=_read_through, args=(url,), name=READ_AHEAD_THREAD, daemon=True).start()
+    if is_local(url):
+        threading.Thread(target=_read_ahead, args=(url,), name=READ_AHEAD_THREAD, daemon=True).start()
 
 
-def _read_through(url: str) -> None:
-    buffer = bytearray(1 << 22)
+def _read_ahead(url: str) -> None:
     try:
-        with open(url, "rb", buffering=0) as f:
-            while f.readinto(buffer):
-                pass
+        read_through(url)
     except OSError:
         pass  # only a hint: the reader itself reports a missing or unreadable shard with its name
 
@@ -187,7 +197,7 @@ def iter_tar_samples(url: str, on_error: Callable[[Exception], None], lazy: Coll
     WebDataset does. (tarfile stops quietly at a bad header after the first one, so a local
     file's end-of-archive block is checked too.)
     """
-    local = not url.startswith("pipe:") and "://" not in url
+    local = is_local(url)
     stream = None
     try:
         if local and lazy:
