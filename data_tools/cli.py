@@ -259,7 +259,7 @@ def add_data_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--synthetic-samples", type=int, default=128)
+    p.add_argument("--synthetic-samples", type=int, default=512, help="synthetic samples, 32 per shard (default: 512)")
     p.add_argument("--dim", type=int, default=2560)
     p.add_argument("--cache-count", type=int, default=32, help="pairs cached per batch size")
     p.add_argument("--no-cache", action="store_true", help="skip the caching benchmark")

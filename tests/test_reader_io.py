@@ -3,17 +3,19 @@ tensors (values exact, padding zero); shards are read ahead, except while a resu
 
 from __future__ import annotations
 
+import os
 import tarfile
 import threading
 
 import pytest
 import torch
+from dopsd_data_tools.bench import drop_page_cache
 from torch.utils.data import DataLoader
 
 from dopsd_scale.data import reader as reader_module
 from dopsd_scale.data.format import decode_sample
 from dopsd_scale.data.reader import Batch, FeatureStream, UnreadBatch, build_loader
-from dopsd_scale.data.shards import READ_AHEAD_THREAD, start_read_ahead
+from dopsd_scale.data.shards import READ_AHEAD_THREAD, is_cached, read_through, start_read_ahead
 
 from .conftest import write_feature_shards
 from .test_reader_split import epoch_batches
@@ -96,3 +98,31 @@ def test_read_ahead_is_a_quiet_hint(tmp_path, monkeypatch):
         if thread.name == READ_AHEAD_THREAD:
             thread.join()
     assert errors == []
+
+
+def test_read_ahead_reads_only_what_the_page_cache_lacks(tmp_path, monkeypatch):
+    path = tmp_path / "shard.tar"
+    path.write_bytes(os.urandom(6 << 20))  # two 4 MiB chunks
+    if not drop_page_cache([str(path)]) or not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("the platform cannot evict a file or probe the page cache")
+    with open(path, "rb") as f:
+        cold = is_cached(f.fileno(), 0, 1 << 20)
+    reads = []
+    preadv = os.preadv
+
+    def counted(fd, buffers, offset, *flags):
+        if not flags:  # a real read, not a probe
+            reads.append(offset)
+        return preadv(fd, buffers, offset, *flags)
+
+    monkeypatch.setattr(os, "preadv", counted)
+    read_through(str(path), skip_cached=True)
+    with open(path, "rb") as f:
+        if cold or not is_cached(f.fileno(), 0, 6 << 20):
+            pytest.skip("this file system does not tell what is cached")
+    assert reads == [0, 4 << 20]
+    reads.clear()
+    read_through(str(path), skip_cached=True)  # every chunk cached now: nothing read again
+    assert reads == []
+    read_through(str(path))  # the raw read of bench-data reads everything
+    assert reads == [0, 4 << 20]

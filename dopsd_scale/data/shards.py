@@ -154,12 +154,33 @@ def is_local(url: str) -> bool:
     return not url.startswith("pipe:") and "://" not in url
 
 
-def read_through(path: str) -> None:
-    """Read a file from start to end into one reused buffer (the bytes are dropped)."""
-    buffer = bytearray(1 << 22)
+_CHUNK = 1 << 22
+_PROBE_STRIDE = 1 << 18  # pages probed per chunk: 16, a few microseconds against a 4 MiB copy
+
+
+def read_through(path: str, skip_cached: bool = False) -> None:
+    """Read a file from start to end into one reused buffer (the bytes are dropped); with
+    `skip_cached`, chunks already in the page cache are not read again (see `is_cached`)."""
+    buffer = bytearray(_CHUNK)
     with open(path, "rb", buffering=0) as f:
-        while f.readinto(buffer):
-            pass
+        fd, size = f.fileno(), os.fstat(f.fileno()).st_size
+        for offset in range(0, size, _CHUNK):
+            if not (skip_cached and is_cached(fd, offset, min(_CHUNK, size - offset))):
+                os.preadv(fd, [buffer], offset)
+
+
+def is_cached(fd: int, offset: int, length: int) -> bool:
+    """Whether the bytes [offset, offset + length) of an open file are in the page cache, probed
+    one page per 256 KiB with a 1-byte read that may not wait for the disk (Linux's RWF_NOWAIT).
+    False where the platform or file system cannot tell."""
+    nowait = getattr(os, "RWF_NOWAIT", None)
+    if nowait is None:
+        return False
+    probe = bytearray(1)
+    try:
+        return all(os.preadv(fd, [probe], at, nowait) for at in range(offset, offset + length, _PROBE_STRIDE))
+    except OSError:  # BlockingIOError: not cached; EOPNOTSUPP: cannot tell
+        return False
 
 
 READ_AHEAD_THREAD = "dopsd-read-ahead"
@@ -173,7 +194,9 @@ def start_read_ahead(url: str) -> None:
     be read at the disk's random-access speed, and only while the reader waits. One sequential
     read of the file ahead of the reader (the bytes are dropped; the page cache keeps them)
     makes the reader's own reads memory copies and overlaps the disk with its work.
-    (`posix_fadvise(WILLNEED)` instead of the read was measured and gained much less.)
+    (`posix_fadvise(WILLNEED)` instead of the read was measured and gained much less.) Chunks
+    already cached are skipped: copying them again cost the reader about 20% when every shard
+    was in the page cache (the copy competes for the memory bus).
     """
     if is_local(url):
         threading.Thread(target=_read_ahead, args=(url,), name=READ_AHEAD_THREAD, daemon=True).start()
@@ -181,7 +204,7 @@ def start_read_ahead(url: str) -> None:
 
 def _read_ahead(url: str) -> None:
     try:
-        read_through(url)
+        read_through(url, skip_cached=True)
     except OSError:
         pass  # only a hint: the reader itself reports a missing or unreadable shard with its name
 
