@@ -195,7 +195,7 @@ def start_read_ahead(url: str) -> None:
     read of the file ahead of the reader (the bytes are dropped; the page cache keeps them)
     makes the reader's own reads memory copies and overlaps the disk with its work.
     (`posix_fadvise(WILLNEED)` instead of the read was measured and gained much less.) Chunks
-    already cached are skipped: copying them again cost the reader about 20% when every shard
+    already cached are skipped: copying them again cost the reader 10-20% when every shard
     was in the page cache (the copy competes for the memory bus).
     """
     if is_local(url):
