@@ -4,12 +4,17 @@ the D-OPSD step's speed, MFU and peak memory for K = 1, 2, 4, 8 on the largest Z
     bash launch/gpu_check.sh [OUT]                        # one GPU, about 10 minutes on an H100/H200
     python -m dopsd_scale.gpu_check --smoke --out DIR     # CPU, tiny sizes (the test suite runs it)
 
-Only torch and triton are needed for the kernel parts. The D-OPSD part builds the diffusers
-Z-Image transformer: without diffusers it installs it from `$DOPSD_WHEELS` (a folder holding the
-diffusers wheel and its dependencies, e.g. from `pip download diffusers==0.42.1 -d wheels`) with
-`pip --no-index`, else it is marked skipped; it never stops the other parts. Every part writes
-`OUT/gpu_check.json` (and `OUT/gpu_check.md`) when it ends, so a timeout keeps what finished;
-the parts stop starting new work when `--budget-s` runs out.
+Only torch and triton are needed for the kernel parts. The D-OPSD part builds the diffusers Z-Image
+transformer: without diffusers it installs it from `$DOPSD_WHEELS` with `pip --no-index`, else it is
+marked skipped; it never stops the other parts. The folder needs the wheels of diffusers and of
+whichever of its dependencies the machine lacks; both are pure Python, so `pip download --no-deps -d
+wheels diffusers==0.42.1 importlib_metadata` (6 MB) works from any machine. That was enough in an
+environment like a bare GPU image (Python 3.12, torch 2.11+cu130, triton 3.6, transformers,
+huggingface_hub, numpy, Pillow; no ray, deepspeed, webdataset or omegaconf), where `--smoke` then
+ran every part except `kernel_sanity`. That part failed only because triton 3.6's interpreter cannot
+run the attention kernel; on a GPU the kernel is compiled. Every part writes `OUT/gpu_check.json`
+(and `OUT/gpu_check.md`) when it ends, so a timeout keeps what finished; the parts stop starting new
+work when `--budget-s` runs out.
 
 Parts, in order (the kernel parts first: they need nothing else): `kernel_tests` (pytest
 tests/kernels on CUDA, when pytest is installed; a collection-only run in smoke mode),
@@ -204,7 +209,7 @@ def ensure_diffusers() -> str | None:
         if not wheels:
             return (
                 "diffusers is not installed: set DOPSD_WHEELS to a folder holding its wheel and dependencies "
-                "(pip download diffusers==0.42.1 -d wheels) or pip install it"
+                "(pip download --no-deps -d wheels diffusers==0.42.1 importlib_metadata) or pip install it"
             )
         cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels, "diffusers"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

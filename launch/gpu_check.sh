@@ -4,7 +4,7 @@
 # SDPA back-end (and flash-attn when installed) at Z-Image shapes, and a D-OPSD step on the deepest
 # Z-Image-width DiT that fits: s/step, TFLOP/s, MFU and peak memory for K = 1, 2, 4, 8.
 # Needs torch + triton; the D-OPSD step also needs diffusers: pip install it, or point DOPSD_WHEELS
-# at a folder holding its wheel and dependencies. Writes OUT/gpu_check.json after every part (a
+# at a folder made elsewhere with `pip download --no-deps -d wheels diffusers==0.42.1 importlib_metadata`. Writes OUT/gpu_check.json after every part (a
 # timeout keeps what finished) and OUT/gpu_check.md.
 #   bash launch/gpu_check.sh [OUT] [--budget-s 540]     (--smoke: the tiny CPU run the tests use)
 set -euo pipefail
