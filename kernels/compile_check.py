@@ -92,9 +92,7 @@ def record_launches(dtype: torch.dtype, head_dim: int, tokens: int, heads: int) 
             recorder = _Recorder(name, getattr(module, attr), launches)
             stack.enter_context(mock.patch.object(module, attr, recorder))
         out, lse = attention_fwd.attention_forward(q, k, v, lens, lens, head_dim**-0.5)
-        attention_bwd.attention_backward(
-            out, q, k, v, out, torch.empty(1, heads, tokens, device="meta"), lens, lens, 1.0
-        )
+        attention_bwd.attention_backward(out, q, k, v, out, lse, lens, lens, head_dim**-0.5)
         norm_rope_module._norm_rope_forward(x, weight, table, table, 1e-6, True)
         norm_rope_module._norm_rope_backward(x, x, weight, table, table, 1e-6, True)
     return launches
