@@ -51,7 +51,9 @@ def write_conf(root: Path) -> Path:
 
     `cred_expire` is also how long a requeued job waits before it may start again (120 s by
     default); 30 s keeps the preemption test short without forcing the start, which would race
-    slurmd's clean-up of the job's first run.
+    slurmd's clean-up of the job's first run. `KillWait` (30 s by default) is how long a cancelled
+    job may take between SIGTERM and SIGKILL: the training script traps TERM to stop its Ray job,
+    which needs a few seconds, not 30.
     """
     host = socket.gethostname()
     cpus = os.cpu_count() or 2
@@ -68,6 +70,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
 JobRequeue=1
+KillWait=5
 ReturnToService=2
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
