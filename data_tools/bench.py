@@ -98,23 +98,23 @@ def bench_reader(
 ) -> dict[str, dict]:
     """{"disk" | "cache": {raw_samples_per_s, reader_samples_per_s, ratio, ...}} (medians)."""
     shards = resolve_shards(spec, manifest)
-    local = shards.urls
-    streamed = [u for u in local if not is_local(u)]
+    urls = shards.urls
+    streamed = [u for u in urls if not is_local(u)]
     if streamed:  # a raw read needs the files themselves
         raise ValueError(f"{streamed[0]}: bench-data compares against a raw read of local shard files")
     samples = shards.manifest.num_samples
-    mb_per_sample = sum(Path(u).stat().st_size for u in local) / 1e6 / samples
-    batches = max(1, samples // batch_size - 2 * len(local)) - 1  # within one epoch despite remainders
+    mb_per_sample = sum(Path(u).stat().st_size for u in urls) / 1e6 / samples
+    batches = max(1, samples // batch_size - 2 * len(urls)) - 1  # within one epoch despite remainders
     conditions = {"cache": lambda: None}
-    if drop_page_cache(local):
-        conditions = {"disk": lambda: drop_page_cache(local), **conditions}
+    if drop_page_cache(urls):
+        conditions = {"disk": lambda: drop_page_cache(urls), **conditions}
     results = {}
     for name, prepare in conditions.items():
         raw, reader, seen = [], [], 0
-        _raw_read(local)  # everything cached at first, whatever the previous condition left
+        _raw_read(urls)  # everything cached at first, whatever the previous condition left
         for _ in range(repeats):
             prepare()
-            raw.append(samples / _raw_read(local))
+            raw.append(samples / _raw_read(urls))
             prepare()
             seen, seconds = _reader_read(spec, batch_size, num_workers, manifest, shards.manifest.feature_dim, batches)
             reader.append(seen / seconds)

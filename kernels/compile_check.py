@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import re
 import subprocess
 import tempfile
@@ -30,6 +29,7 @@ import torch
 import triton
 
 from . import attention_bwd, attention_fwd
+from ._runtime import INTERPRET
 
 # the package exports a function of the same name, so import the module by its full name
 norm_rope_module = importlib.import_module(f"{__package__}.qk_norm_rope")
@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heads", type=int, default=30)
     p.add_argument("--only", choices=sorted(KERNELS), default="", help="one kernel")
     args = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if INTERPRET:
         p.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = next(t for t, name in DTYPES.items() if name == args.dtype)
     rows = check(args.arch, dtype, args.head_dim, args.tokens, args.heads, args.only)
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}, head dim {args.head_dim}")
     print(to_markdown(rows))

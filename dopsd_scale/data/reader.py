@@ -163,13 +163,7 @@ class UnreadBatch:
 
     def read(self) -> Batch:
         batch = collate(self.samples)
-        batch.epoch, batch.worker, batch.done_shards, batch.skipped = (
-            self.epoch,
-            self.worker,
-            self.done_shards,
-            self.skipped,
-        )
-        return batch
+        return replace(batch, epoch=self.epoch, worker=self.worker, done_shards=self.done_shards, skipped=self.skipped)
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader's pin-memory thread (the batch memory is page-locked there)."""

@@ -22,13 +22,20 @@ def _can_compile_for_cuda() -> bool:
         return False
 
 
+def _compile_check(tmp_path, interpret: bool, *args: str) -> subprocess.CompletedProcess:
+    """`python -m dopsd_kernels.compile_check ARGS`, importable whether or not the package is installed."""
+    (tmp_path / "dopsd_kernels").symlink_to(KERNELS)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "dopsd_kernels.compile_check", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.skipif(not _can_compile_for_cuda(), reason="triton's CUDA backend or its ptxas is missing")
 def test_attention_forward_compiles_for_sm90_and_reports_registers(tmp_path):
-    (tmp_path / "dopsd_kernels").symlink_to(KERNELS)  # importable whether or not the package is installed
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "dopsd_kernels.compile_check", "--only", "attention_fwd", "--dtype", "fp32"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = _compile_check(tmp_path, False, "--only", "attention_fwd", "--dtype", "fp32")
     assert done.returncode == 0, done.stderr
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| attention_fwd")]
     assert len(rows) == 1, done.stdout  # fp32 prunes the candidates to the last one
@@ -38,9 +45,5 @@ def test_attention_forward_compiles_for_sm90_and_reports_registers(tmp_path):
 
 
 def test_interpreted_kernels_are_refused(tmp_path):
-    (tmp_path / "dopsd_kernels").symlink_to(KERNELS)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(tmp_path)}
-    done = subprocess.run(
-        [sys.executable, "-m", "dopsd_kernels.compile_check"], env=env, capture_output=True, text=True, timeout=300
-    )
+    done = _compile_check(tmp_path, True)
     assert done.returncode == 2 and "unset TRITON_INTERPRET" in done.stderr
